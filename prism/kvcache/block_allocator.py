@@ -1,0 +1,200 @@
+"""Blocks inside page groups: the KV cache's bookkeeping, plain Python over ints.
+
+The cache's block space is cut into page groups of `blocks_per_group` blocks; a group
+is either unmapped, mapped and empty, or in use. Allocation is best-fit: it takes from
+the in-use group with the fewest free blocks, so lightly used groups drain, become
+empty and can go back to the pool. Block 0 is reserved (the padding block that padded
+kernel reads hit), so group 0 is always mapped and never empty.
+"""
+
+from __future__ import annotations
+
+import heapq
+from enum import IntEnum
+
+
+class GroupState(IntEnum):
+    UNMAPPED = 0
+    EMPTY = 1  # mapped, every block free
+    IN_USE = 2  # mapped, at least one block allocated
+
+
+class BlockError(RuntimeError):
+    """Misuse of the block allocator: double free, a block out of range."""
+
+
+class BlockAllocator:
+    PADDING_BLOCK = 0
+
+    def __init__(self, num_groups: int, blocks_per_group: int) -> None:
+        if num_groups < 1 or blocks_per_group < 1:
+            raise ValueError("need at least one group of at least one block")
+        self.num_groups = num_groups
+        self.blocks_per_group = blocks_per_group
+        self.num_blocks = num_groups * blocks_per_group
+        self._state = bytearray(num_groups)  # GroupState per group
+        self._allocated = bytearray(self.num_blocks)  # 1 where a block is handed out
+        self._free_lists: list[list[int]] = [[] for _ in range(num_groups)]
+        # In-use groups by free-block count k (1 <= k < blocks_per_group). Bit k of
+        # _nonempty is set iff _by_free[k] is non-empty: the best-fit group is then the
+        # lowest set bit, found in O(1).
+        self._by_free: list[set[int]] = [set() for _ in range(blocks_per_group + 1)]
+        self._nonempty = 0
+        self._empty: set[int] = set()
+        self._unmapped = list(range(num_groups))  # min-heap: map low groups first
+        self.free_blocks = 0  # free blocks in mapped groups
+        self.mapped_groups = 0
+
+    def reserve_padding(self) -> None:
+        """Take block 0 for good, once group 0 is mapped; group 0 then never empties."""
+        if self._state[0] == GroupState.UNMAPPED or self._allocated[self.PADDING_BLOCK]:
+            raise BlockError("padding block needs group 0 mapped and block 0 free")
+        self._free_lists[0].remove(self.PADDING_BLOCK)
+        self._free_lists[0].append(self.PADDING_BLOCK)
+        self._take(0, 1)
+
+    # ---- groups --------------------------------------------------------------------
+
+    @property
+    def empty_groups(self) -> int:
+        return len(self._empty)
+
+    def state(self, group: int) -> GroupState:
+        return GroupState(self._state[group])
+
+    def next_unmapped(self, count: int) -> list[int]:
+        """The lowest `count` unmapped groups (not yet marked mapped)."""
+        return heapq.nsmallest(count, self._unmapped)
+
+    def map_group(self, group: int) -> None:
+        """Record that `group`'s pages are now mapped: its blocks become free."""
+        if self._state[group] != GroupState.UNMAPPED:
+            raise BlockError(f"group {group} is already mapped")
+        if self._unmapped and self._unmapped[0] == group:
+            heapq.heappop(self._unmapped)
+        else:
+            self._unmapped.remove(group)
+            heapq.heapify(self._unmapped)
+        first = group * self.blocks_per_group
+        self._free_lists[group] = list(range(first + self.blocks_per_group - 1, first - 1, -1))
+        self._state[group] = GroupState.EMPTY
+        self._empty.add(group)
+        self.free_blocks += self.blocks_per_group
+        self.mapped_groups += 1
+
+    def unmap_candidates(self, count: int) -> list[int]:
+        """Up to `count` empty groups to unmap, highest first (keeps the low range dense)."""
+        return sorted(self._empty, reverse=True)[:count]
+
+    def unmap_group(self, group: int) -> None:
+        """Record that an empty `group` is being unmapped: its blocks vanish."""
+        if self._state[group] != GroupState.EMPTY:
+            raise BlockError(f"group {group} is not empty (state {self.state(group).name})")
+        self._empty.discard(group)
+        self._free_lists[group] = []
+        self._state[group] = GroupState.UNMAPPED
+        heapq.heappush(self._unmapped, group)
+        self.free_blocks -= self.blocks_per_group
+        self.mapped_groups -= 1
+
+    # ---- blocks --------------------------------------------------------------------
+
+    def allocate(self, count: int) -> list[int] | None:
+        """`count` free blocks from mapped groups, best fit; None if there are too few."""
+        if count > self.free_blocks:
+            return None
+        blocks: list[int] = []
+        while len(blocks) < count:
+            group = self._best_group()
+            blocks += self._take(group, count - len(blocks))
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        for block in blocks:
+            if not 0 < block < self.num_blocks:
+                raise BlockError(f"block {block} is out of range 1..{self.num_blocks - 1}")
+            if not self._allocated[block]:
+                raise BlockError(f"block {block} is not allocated (double free?)")
+        for block in blocks:
+            self._give_back(block)
+
+    def is_allocated(self, block: int) -> bool:
+        return bool(self._allocated[block])
+
+    def _best_group(self) -> int:
+        in_use = self._nonempty & ~1
+        if in_use:
+            k = (in_use & -in_use).bit_length() - 1
+            return next(iter(self._by_free[k]))
+        return min(self._empty)
+
+    def _take(self, group: int, count: int) -> list[int]:
+        free_list = self._free_lists[group]
+        before = len(free_list)
+        take = min(count, before)
+        blocks = free_list[before - take :]
+        del free_list[before - take :]
+        for block in blocks:
+            self._allocated[block] = 1
+        self._move(group, before, before - take)
+        self.free_blocks -= take
+        return blocks
+
+    def _give_back(self, block: int) -> None:
+        group = block // self.blocks_per_group
+        free_list = self._free_lists[group]
+        self._allocated[block] = 0
+        free_list.append(block)
+        self._move(group, len(free_list) - 1, len(free_list))
+        self.free_blocks += 1
+
+    def _move(self, group: int, old_free: int, new_free: int) -> None:
+        """Re-file `group` after its free count went from old_free to new_free."""
+        bpg = self.blocks_per_group
+        if old_free == bpg:
+            self._empty.discard(group)
+            self._state[group] = GroupState.IN_USE
+        elif old_free > 0:
+            bucket = self._by_free[old_free]
+            bucket.discard(group)
+            if not bucket:
+                self._nonempty &= ~(1 << old_free)
+        if new_free == bpg:
+            self._empty.add(group)
+            self._state[group] = GroupState.EMPTY
+        elif new_free > 0:
+            self._by_free[new_free].add(group)
+            self._nonempty |= 1 << new_free
+
+    # ---- invariants ------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        bpg = self.blocks_per_group
+        free_total = 0
+        for group in range(self.num_groups):
+            state = self._state[group]
+            free_list = self._free_lists[group]
+            first = group * bpg
+            allocated = sum(self._allocated[first : first + bpg])
+            if state == GroupState.UNMAPPED:
+                assert not free_list and allocated == 0, f"unmapped group {group} has blocks"
+                assert group in self._unmapped, f"group {group} missing from unmapped heap"
+                continue
+            assert len(set(free_list)) == len(free_list), f"group {group}: a block free twice"
+            assert all(first <= b < first + bpg for b in free_list), f"group {group}: stray block"
+            assert all(not self._allocated[b] for b in free_list), "a free block is allocated"
+            assert len(free_list) + allocated == bpg, f"group {group}: blocks lost"
+            free_total += len(free_list)
+            if state == GroupState.EMPTY:
+                assert len(free_list) == bpg and group in self._empty, f"group {group}: not empty"
+            else:
+                assert 0 <= len(free_list) < bpg, f"group {group}: in use but empty"
+                if free_list:
+                    assert group in self._by_free[len(free_list)], f"group {group}: misfiled"
+        assert free_total == self.free_blocks, f"free count {self.free_blocks} != {free_total}"
+        if self._state[0] != GroupState.UNMAPPED:
+            assert self._allocated[self.PADDING_BLOCK], "padding block is not reserved"
+        mapped = sum(1 for s in self._state if s != GroupState.UNMAPPED)
+        assert mapped == self.mapped_groups, "mapped group count drifted"
+        for k in range(1, bpg):
+            assert bool(self._nonempty >> k & 1) == bool(self._by_free[k]), f"bucket bit {k}"
