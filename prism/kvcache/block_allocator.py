@@ -17,6 +17,7 @@ class GroupState(IntEnum):
     UNMAPPED = 0
     EMPTY = 1  # mapped, every block free
     IN_USE = 2  # mapped, at least one block allocated
+    PENDING = 3  # being mapped or unmapped outside the cache's lock; holds no blocks
 
 
 class BlockError(RuntimeError):
@@ -62,19 +63,27 @@ class BlockAllocator:
     def state(self, group: int) -> GroupState:
         return GroupState(self._state[group])
 
-    def next_unmapped(self, count: int) -> list[int]:
-        """The lowest `count` unmapped groups (not yet marked mapped)."""
-        return heapq.nsmallest(count, self._unmapped)
+    def claim_unmapped(self, count: int) -> list[int]:
+        """Mark up to `count` of the lowest unmapped groups PENDING, for mapping."""
+        claimed = [heapq.heappop(self._unmapped) for _ in range(min(count, len(self._unmapped)))]
+        for group in claimed:
+            self._state[group] = GroupState.PENDING
+        return claimed
+
+    def abandon(self, groups: list[int]) -> None:
+        """PENDING groups whose mapping failed, or whose unmapping finished: UNMAPPED."""
+        for group in groups:
+            if self._state[group] != GroupState.PENDING:
+                raise BlockError(f"group {group} is not pending")
+            self._state[group] = GroupState.UNMAPPED
+            heapq.heappush(self._unmapped, group)
 
     def map_group(self, group: int) -> None:
         """Record that `group`'s pages are now mapped: its blocks become free."""
-        if self._state[group] != GroupState.UNMAPPED:
+        if self._state[group] == GroupState.UNMAPPED:
+            self.claim_one(group)
+        if self._state[group] != GroupState.PENDING:
             raise BlockError(f"group {group} is already mapped")
-        if self._unmapped and self._unmapped[0] == group:
-            heapq.heappop(self._unmapped)
-        else:
-            self._unmapped.remove(group)
-            heapq.heapify(self._unmapped)
         first = group * self.blocks_per_group
         self._free_lists[group] = list(range(first + self.blocks_per_group - 1, first - 1, -1))
         self._state[group] = GroupState.EMPTY
@@ -82,20 +91,33 @@ class BlockAllocator:
         self.free_blocks += self.blocks_per_group
         self.mapped_groups += 1
 
-    def unmap_candidates(self, count: int) -> list[int]:
-        """Up to `count` empty groups to unmap, highest first (keeps the low range dense)."""
-        return sorted(self._empty, reverse=True)[:count]
+    def claim_one(self, group: int) -> None:
+        """Mark one specific unmapped group PENDING."""
+        if self._state[group] != GroupState.UNMAPPED:
+            raise BlockError(f"group {group} is not unmapped")
+        self._unmapped.remove(group)
+        heapq.heapify(self._unmapped)
+        self._state[group] = GroupState.PENDING
 
-    def unmap_group(self, group: int) -> None:
-        """Record that an empty `group` is being unmapped: its blocks vanish."""
+    def claim_empty(self, count: int) -> list[int]:
+        """Take up to `count` empty groups, highest first, out of use: they turn PENDING
+        (their blocks vanish) until `abandon` records them unmapped."""
+        groups = sorted(self._empty, reverse=True)[:count]
+        for group in groups:
+            self.unmap_group(group, finish=False)
+        return groups
+
+    def unmap_group(self, group: int, *, finish: bool = True) -> None:
+        """Record that an empty `group` is unmapped (finish=False: being unmapped)."""
         if self._state[group] != GroupState.EMPTY:
             raise BlockError(f"group {group} is not empty (state {self.state(group).name})")
         self._empty.discard(group)
         self._free_lists[group] = []
-        self._state[group] = GroupState.UNMAPPED
-        heapq.heappush(self._unmapped, group)
+        self._state[group] = GroupState.PENDING
         self.free_blocks -= self.blocks_per_group
         self.mapped_groups -= 1
+        if finish:
+            self.abandon([group])
 
     # ---- blocks --------------------------------------------------------------------
 
@@ -176,9 +198,10 @@ class BlockAllocator:
             free_list = self._free_lists[group]
             first = group * bpg
             allocated = sum(self._allocated[first : first + bpg])
-            if state == GroupState.UNMAPPED:
+            if state in (GroupState.UNMAPPED, GroupState.PENDING):
                 assert not free_list and allocated == 0, f"unmapped group {group} has blocks"
-                assert group in self._unmapped, f"group {group} missing from unmapped heap"
+                in_heap = group in self._unmapped
+                assert in_heap == (state == GroupState.UNMAPPED), f"group {group}: heap drift"
                 continue
             assert len(set(free_list)) == len(free_list), f"group {group}: a block free twice"
             assert all(first <= b < first + bpg for b in free_list), f"group {group}: stray block"
@@ -194,7 +217,7 @@ class BlockAllocator:
         assert free_total == self.free_blocks, f"free count {self.free_blocks} != {free_total}"
         if self._state[0] != GroupState.UNMAPPED:
             assert self._allocated[self.PADDING_BLOCK], "padding block is not reserved"
-        mapped = sum(1 for s in self._state if s != GroupState.UNMAPPED)
+        mapped = sum(1 for s in self._state if s in (GroupState.EMPTY, GroupState.IN_USE))
         assert mapped == self.mapped_groups, "mapped group count drifted"
         for k in range(1, bpg):
             assert bool(self._nonempty >> k & 1) == bool(self._by_free[k]), f"bucket bit {k}"

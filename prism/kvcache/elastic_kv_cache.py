@@ -122,13 +122,14 @@ class ElasticKVCache:
 
     def allocate(self, count: int, *, reclaim: bool = True) -> list[int] | None:
         """`count` blocks, growing the cache if needed; None if memory cannot be had."""
-        with self._lock:
-            short = count - self.allocator.free_blocks
-            if short > 0:
-                groups = -(-short // self.blocks_per_group)
-                if not self._grow(groups, reclaim=reclaim):
-                    return None
-            blocks = self.allocator.allocate(count)
+        while True:
+            with self._lock:
+                short = count - self.allocator.free_blocks
+                if short <= 0:
+                    blocks = self.allocator.allocate(count)
+                    break
+            if not self._grow(-(-short // self.blocks_per_group), reclaim=reclaim):
+                return None
         if self.allocator.empty_groups < self.config.reserve_groups:
             self.pool.wake_refiller()
         return blocks
@@ -143,20 +144,28 @@ class ElasticKVCache:
         keep = self.config.reserve_groups if keep_groups is None else keep_groups
         with self._lock:
             extra = self.allocator.empty_groups - keep
-            return self._shrink_groups(extra) if extra > 0 else 0
+        return self._shrink_groups(extra) if extra > 0 else 0
 
     # ---- growing and shrinking ---------------------------------------------------------
+    # The cache's lock guards bookkeeping only. Driver calls and pool calls run outside
+    # it, on groups marked PENDING, so the request path never waits behind a mapping and
+    # no lock is held while another tenant's memory is being reclaimed.
 
     def _grow(self, groups: int, *, reclaim: bool) -> bool:
         """Map `groups` more page groups (lowest unmapped first); False if no memory."""
-        targets = self.allocator.next_unmapped(groups)
-        if len(targets) < groups:
-            return False
         count = groups * self.group_pages
         if count > self.account.headroom:
             return False
+        with self._lock:
+            targets = self.allocator.claim_unmapped(groups)
+        if len(targets) < groups:
+            with self._lock:
+                self.allocator.abandon(targets)
+            return False
         pages = self.pool.acquire(self.config.name, count, reclaim=reclaim)
         if pages is None:
+            with self._lock:
+                self.allocator.abandon(targets)
             return False
         ppg = self.pages_per_group
         cursor = 0
@@ -165,22 +174,24 @@ class ElasticKVCache:
                 take = run * ppg
                 tensor.map(first * ppg, pages[cursor : cursor + take])
                 cursor += take
-            for group in range(first, first + run):
+        with self._lock:
+            for group in targets:
                 self.allocator.map_group(group)
         return True
 
     def _shrink_groups(self, groups: int, *, reclaimed: bool = False) -> int:
         """Unmap up to `groups` empty groups and release their pages; returns pages."""
-        targets = sorted(self.allocator.unmap_candidates(groups))
+        with self._lock:
+            targets = sorted(self.allocator.claim_empty(groups))
         if not targets:
             return 0
         ppg = self.pages_per_group
         pages: list[int] = []
         for first, run in _runs(targets):
-            for group in range(first, first + run):
-                self.allocator.unmap_group(group)
             for tensor in self._tensors:
                 pages += tensor.unmap(first * ppg, run * ppg)
+        with self._lock:
+            self.allocator.abandon(targets)
         self.pool.release(self.config.name, pages, reclaimed=reclaimed)
         return len(pages)
 
@@ -198,25 +209,18 @@ class ElasticKVCache:
     def shrink(self, pages: int, level: ReclaimLevel) -> int:
         if level is ReclaimLevel.PRESSURE:
             return self.on_pressure(pages) if self.on_pressure else 0
-        if not self._lock.acquire(blocking=False):
-            return 0  # busy: the pool asks someone else rather than wait
-        try:
+        with self._lock:
             groups = -(-pages // self.group_pages)
             groups = min(groups, self.reclaimable(level) // self.group_pages)
-            if groups <= 0:
-                return 0
-            return self._shrink_groups(groups, reclaimed=True)
-        finally:
-            self._lock.release()
+        return self._shrink_groups(groups, reclaimed=True) if groups > 0 else 0
 
     def refill_reserve(self) -> None:
         """Map empty groups up to the warm reserve, from free pool pages only."""
         with self._lock:
             missing = self.config.reserve_groups - self.allocator.empty_groups
-            if missing > 0:
-                groups = min(missing, self.pool.available(self.config.name) // self.group_pages)
-                if groups > 0:
-                    self._grow(groups, reclaim=False)
+        groups = min(missing, self.pool.available(self.config.name) // self.group_pages)
+        if groups > 0:
+            self._grow(groups, reclaim=False)
 
     # ---- lifetime and invariants -----------------------------------------------------
 
@@ -227,7 +231,9 @@ class ElasticKVCache:
             ppg = self.pages_per_group
             held: set[int] = set()
             for group in range(self.allocator.num_groups):
-                mapped = self.allocator.state(group) != GroupState.UNMAPPED
+                state = self.allocator.state(group)
+                assert state != GroupState.PENDING, f"group {group} left pending"
+                mapped = state != GroupState.UNMAPPED
                 for tensor in self._tensors:
                     for page in range(group * ppg, (group + 1) * ppg):
                         handle = tensor.handle_at(page)

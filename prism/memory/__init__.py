@@ -17,6 +17,7 @@ from prism.memory.tenant import (
     UnknownTenant,
 )
 from prism.memory.vmm import OutOfPhysicalMemory, Reservation, VirtualMemory, VMMError
+from prism.memory.weight_arena import WeightArena, WeightSpec
 
 __all__ = [
     "DefaultReclaimPolicy",
@@ -39,6 +40,8 @@ __all__ = [
     "UnknownTenant",
     "VMMError",
     "VirtualMemory",
+    "WeightArena",
+    "WeightSpec",
     "make_vmm",
 ]
 
