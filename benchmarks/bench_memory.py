@@ -80,9 +80,10 @@ def driver_floor(vmm: CudaVMM, pages: int) -> dict[str, float]:
     return out
 
 
-def page_moves(vmm: CudaVMM, pages: int) -> dict[str, float]:
-    """Move `pages` pages, one at a time, from tenant A's range to tenant B's range."""
-    pool = PagePool(vmm, 2 * pages * vmm.page_size)
+def page_moves(vmm: CudaVMM, pages: int, *, pooled: bool) -> float:
+    """Move `pages` pages one at a time from tenant A's range to tenant B's, through the
+    pool ledger; returns µs per page. Unpooled, A's page is destroyed and B's created."""
+    pool = PagePool(vmm, 2 * pages * vmm.page_size, pooled=pooled)
     pool.register("A")
     pool.register("B")
     a = ElasticTensor(vmm, (pages * vmm.page_size,), torch.uint8)
@@ -97,27 +98,49 @@ def page_moves(vmm: CudaVMM, pages: int) -> dict[str, float]:
         moved = pool.acquire("B", 1)
         assert moved is not None
         b.map(i, moved)
-    pooled = time.perf_counter() - t
-    pool.release("B", b.unmap_all())
+    elapsed = time.perf_counter() - t
+    pool.release("B", b.close())
+    a.close()
     pool.check_integrity()
     pool.close()
-    # Unpooled: the page is destroyed and a new one created for the receiver.
-    for i in range(pages):
-        a.map(i, [vmm.create()])
+    return per_page_us(elapsed, pages)
+
+
+def group_moves(vmm: CudaVMM, groups: int, *, pooled: bool) -> float:
+    """Model B's KV cache grows by `groups` page groups taken from model A's empty ones
+    by the pool's reclaim (Llama-3.1-8B shape: 64 pages a group); µs per page."""
+    probe = ElasticKVCache(llama8b_kv("probe", 64 * 1024, reserve=0), PagePool(vmm, GiB))
+    group_pages = probe.group_pages
+    probe.close()
+    probe.pool.close()
+    pool = PagePool(vmm, (groups + 2) * group_pages * vmm.page_size, pooled=pooled)
+    a = ElasticKVCache(llama8b_kv("A", 256 * 1024, reserve=0), pool)
+    b = ElasticKVCache(llama8b_kv("B", 256 * 1024, reserve=0), pool)
+    held = a.allocate(a.free_blocks + groups * a.blocks_per_group)
+    assert held is not None and pool.available("B") == 0
+    a.free(held)  # A's load left: its groups are mapped and empty
     t = time.perf_counter()
-    for i in range(pages):
-        for h in a.unmap(i):
-            vmm.release(h)
-        b.map(i, [vmm.create()])
-    unpooled = time.perf_counter() - t
-    for h in b.close():
-        vmm.release(h)
-    a.close()
-    return {
-        "pooled_move_us": per_page_us(pooled, pages),
-        "unpooled_move_us": per_page_us(unpooled, pages),
-        "pooled_over_unpooled": pooled / unpooled,
+    for _ in range(groups):
+        assert b.allocate(b.blocks_per_group) is not None  # reclaims one group from A
+    elapsed = time.perf_counter() - t
+    for cache in (a, b):
+        cache.check_integrity()
+        cache.close()
+    pool.check_integrity()
+    pool.close()
+    return per_page_us(elapsed, groups * group_pages)
+
+
+def moves(vmm: CudaVMM, pages: int) -> dict[str, float]:
+    out = {
+        "page_pooled_us": page_moves(vmm, pages, pooled=True),
+        "page_unpooled_us": page_moves(vmm, pages, pooled=False),
+        "group_pooled_us": group_moves(vmm, 8, pooled=True),
+        "group_unpooled_us": group_moves(vmm, 8, pooled=False),
     }
+    out["page_pooled_over_unpooled"] = out["page_pooled_us"] / out["page_unpooled_us"]
+    out["group_pooled_over_unpooled"] = out["group_pooled_us"] / out["group_unpooled_us"]
+    return out
 
 
 def block_alloc(vmm: CudaVMM) -> dict[str, float]:
@@ -216,6 +239,66 @@ def bandwidth(vmm: CudaVMM) -> dict[str, float]:
     return results
 
 
+def gil_probe(vmm: CudaVMM, seconds: float = 0.3) -> dict[str, float]:
+    """Does the main thread keep running while another thread is inside driver calls?
+    Ratio of pure-Python loop iterations with and without a thread mapping pages."""
+
+    def spin() -> int:
+        count, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            count += 1
+        return count
+
+    idle = spin()
+    stop = threading.Event()
+    t = ElasticTensor(vmm, (vmm.page_size,), torch.uint8)
+    handle = vmm.create()
+
+    def churn() -> None:
+        while not stop.is_set():
+            t.map(0, [handle])
+            t.unmap(0)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    busy = spin()
+    stop.set()
+    thread.join()
+    t.close()
+    vmm.release(handle)
+    return {"main_thread_speed_with_driver_thread": busy / idle}
+
+
+def alloc_latency_quiet(vmm: CudaVMM, allocs: int = 1500) -> dict[str, float]:
+    """The same request pacing with pages already mapped and nothing in the background."""
+    pool = PagePool(vmm, 12 * GiB)
+    hot = ElasticKVCache(llama8b_kv("A", 512 * 1024, reserve=0), pool)
+    warm = hot.allocate(allocs * 4)
+    assert warm is not None
+    hot.free(warm)
+    latencies = []
+    for _ in range(allocs):
+        t = time.perf_counter()
+        blocks = hot.allocate(4, reclaim=True)
+        latencies.append(time.perf_counter() - t)
+        assert blocks is not None
+        time.sleep(0.001)
+    hot.check_integrity()
+    hot.close()
+    pool.close()
+    return _percentiles(latencies)
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    latencies = sorted(latencies)
+    return {
+        "allocs": len(latencies),
+        "p50_us": latencies[len(latencies) // 2] * 1e6,
+        "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
+        "max_us": latencies[-1] * 1e6,
+    }
+
+
 def alloc_latency_under_reclaim(
     vmm: CudaVMM, reserve: int, seconds: float = 3.0
 ) -> dict[str, float]:
@@ -258,13 +341,7 @@ def alloc_latency_under_reclaim(
         cache.close()
     pool.check_integrity()
     pool.close()
-    latencies.sort()
-    return {
-        "allocs": len(latencies),
-        "p50_us": latencies[len(latencies) // 2] * 1e6,
-        "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
-        "max_us": latencies[-1] * 1e6,
-    }
+    return _percentiles(latencies)
 
 
 def main() -> None:
@@ -284,17 +361,23 @@ def main() -> None:
     }
     driver_floor(vmm, 64)  # warm-up: first calls pay one-off driver costs
     results["driver_floor"] = driver_floor(vmm, args.pages)
-    results["page_move"] = page_moves(vmm, args.pages)
+    d = results["driver_floor"]
+    pooled_floor = d["unmap_us"] + d["map_us"] + d["set_access_us"]
+    results["floor_move_ratio"] = pooled_floor / (pooled_floor + d["release_us"] + d["create_us"])
+    results["page_move"] = moves(vmm, args.pages)
     results["block_alloc"] = block_alloc(vmm)
     results["grow_shrink"] = grow_shrink(vmm)
     results["bandwidth"] = bandwidth(vmm)
     results["alloc_under_reclaim_with_reserve"] = alloc_latency_under_reclaim(vmm, reserve=4)
     results["alloc_under_reclaim_no_reserve"] = alloc_latency_under_reclaim(vmm, reserve=0)
+    results["alloc_quiet"] = alloc_latency_quiet(vmm)
+    results["gil"] = gil_probe(vmm)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     d, m, g = results["driver_floor"], results["page_move"], results["grow_shrink"]
     b, r = results["bandwidth"], results["alloc_under_reclaim_with_reserve"]
     r0 = results["alloc_under_reclaim_no_reserve"]
+    q = results["alloc_quiet"]
     ba = results["block_alloc"]
     rows = [
         (
@@ -310,9 +393,20 @@ def main() -> None:
         ),
         (
             "page move pooled vs unpooled, us",
-            f"{m['pooled_move_us']:.1f} vs "
-            f"{m['unpooled_move_us']:.1f} = {m['pooled_over_unpooled']:.2f}x",
+            f"{m['page_pooled_us']:.1f} vs {m['page_unpooled_us']:.1f}"
+            f" = {m['page_pooled_over_unpooled']:.2f}x",
             "<= 0.70x",
+        ),
+        (
+            "group move (reclaim) pooled vs unpooled, us/page",
+            f"{m['group_pooled_us']:.1f} vs {m['group_unpooled_us']:.1f}"
+            f" = {m['group_pooled_over_unpooled']:.2f}x",
+            "<= 0.70x",
+        ),
+        (
+            "driver floor ratio (unmap+map+set) / (+release+create)",
+            f"{results['floor_move_ratio']:.2f}x",
+            "",
         ),
         (
             "block alloc+free, us per block (batch 1 / 16)",
@@ -341,6 +435,16 @@ def main() -> None:
             "alloc p50/p99 under reclaim, no reserve, us",
             f"{r0['p50_us']:.1f} / {r0['p99_us']:.1f}",
             "(contrast)",
+        ),
+        (
+            "alloc p50/p99, quiet (pages mapped, no background), us",
+            f"{q['p50_us']:.1f} / {q['p99_us']:.1f}",
+            "(baseline)",
+        ),
+        (
+            "main-thread speed while a thread maps pages",
+            f"{results['gil']['main_thread_speed_with_driver_thread']:.2f}",
+            "(1.0 = GIL free)",
         ),
     ]
     print(f"\n{'measure':<62}{'result':<34}target")

@@ -20,6 +20,10 @@ class GroupState(IntEnum):
     PENDING = 3  # being mapped or unmapped outside the cache's lock; holds no blocks
 
 
+_EMPTY = int(GroupState.EMPTY)  # plain ints on the hot path: enum conversion costs
+_IN_USE = int(GroupState.IN_USE)
+
+
 class BlockError(RuntimeError):
     """Misuse of the block allocator: double free, a block out of range."""
 
@@ -125,6 +129,14 @@ class BlockAllocator:
         """`count` free blocks from mapped groups, best fit; None if there are too few."""
         if count > self.free_blocks:
             return None
+        if count == 1:  # the decode path: one new block for one sequence
+            group = self._best_group()
+            free_list = self._free_lists[group]
+            block = free_list.pop()
+            self._allocated[block] = 1
+            self._move(group, len(free_list) + 1, len(free_list))
+            self.free_blocks -= 1
+            return [block]
         blocks: list[int] = []
         while len(blocks) < count:
             group = self._best_group()
@@ -132,13 +144,23 @@ class BlockAllocator:
         return blocks
 
     def free(self, blocks: list[int]) -> None:
+        allocated = self._allocated
         for block in blocks:
             if not 0 < block < self.num_blocks:
                 raise BlockError(f"block {block} is out of range 1..{self.num_blocks - 1}")
-            if not self._allocated[block]:
+            if not allocated[block]:
                 raise BlockError(f"block {block} is not allocated (double free?)")
+        if len(blocks) > 1 and len(set(blocks)) != len(blocks):
+            raise BlockError("a block is freed twice in one call")
+        bpg = self.blocks_per_group
+        free_lists = self._free_lists
         for block in blocks:
-            self._give_back(block)
+            allocated[block] = 0
+            group = block // bpg
+            free_list = free_lists[group]
+            free_list.append(block)
+            self._move(group, len(free_list) - 1, len(free_list))
+        self.free_blocks += len(blocks)
 
     def is_allocated(self, block: int) -> bool:
         return bool(self._allocated[block])
@@ -162,20 +184,12 @@ class BlockAllocator:
         self.free_blocks -= take
         return blocks
 
-    def _give_back(self, block: int) -> None:
-        group = block // self.blocks_per_group
-        free_list = self._free_lists[group]
-        self._allocated[block] = 0
-        free_list.append(block)
-        self._move(group, len(free_list) - 1, len(free_list))
-        self.free_blocks += 1
-
     def _move(self, group: int, old_free: int, new_free: int) -> None:
         """Re-file `group` after its free count went from old_free to new_free."""
         bpg = self.blocks_per_group
         if old_free == bpg:
             self._empty.discard(group)
-            self._state[group] = GroupState.IN_USE
+            self._state[group] = _IN_USE
         elif old_free > 0:
             bucket = self._by_free[old_free]
             bucket.discard(group)
@@ -183,7 +197,7 @@ class BlockAllocator:
                 self._nonempty &= ~(1 << old_free)
         if new_free == bpg:
             self._empty.add(group)
-            self._state[group] = GroupState.EMPTY
+            self._state[group] = _EMPTY
         elif new_free > 0:
             self._by_free[new_free].add(group)
             self._nonempty |= 1 << new_free

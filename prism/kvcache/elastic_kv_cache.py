@@ -77,7 +77,7 @@ class ElasticKVCache:
             for i in range(config.num_layers)
         ]
         self.allocator = BlockAllocator(num_groups, self.blocks_per_group)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         # Asked for pages when the pool must take live memory (the engine preempts and
         # frees blocks, then calls trim); returns pages released.
         self.on_pressure: Callable[[int], int] | None = None
@@ -122,14 +122,14 @@ class ElasticKVCache:
 
     def allocate(self, count: int, *, reclaim: bool = True) -> list[int] | None:
         """`count` blocks, growing the cache if needed; None if memory cannot be had."""
-        while True:
-            with self._lock:
-                short = count - self.allocator.free_blocks
-                if short <= 0:
-                    blocks = self.allocator.allocate(count)
-                    break
-            if not self._grow(-(-short // self.blocks_per_group), reclaim=reclaim):
+        with self._lock:
+            blocks = self.allocator.allocate(count)
+        while blocks is None:
+            short = count - self.allocator.free_blocks
+            if short > 0 and not self._grow(-(-short // self.blocks_per_group), reclaim=reclaim):
                 return None
+            with self._lock:
+                blocks = self.allocator.allocate(count)
         if self.allocator.empty_groups < self.config.reserve_groups:
             self.pool.wake_refiller()
         return blocks

@@ -128,21 +128,22 @@ class CudaVMM(VirtualMemory):
         if not handles:
             return
         self._bind_context()
-        cu = self._cu
+        cu_map, ok, page = self._cu.cuMemMap, self._cu.CUresult.CUDA_SUCCESS, self._page_size
         mapped = 0
         try:
-            for i, handle in enumerate(handles):
+            for handle in handles:
                 obj = self._handles.get(handle)
                 if obj is None:
                     raise VMMError("cuMemMap", f"page handle {handle} is not live")
-                at = address + i * self._page_size
-                self._check("cuMemMap", cu.cuMemMap(at, self._page_size, 0, obj, 0))
+                (err,) = cu_map(address + mapped * page, page, 0, obj, 0)
+                if err != ok:
+                    self._check("cuMemMap", (err,))
                 mapped += 1
-            size = len(handles) * self._page_size
-            self._check("cuMemSetAccess", cu.cuMemSetAccess(address, size, self._access, 1))
+            size = len(handles) * page
+            self._check("cuMemSetAccess", self._cu.cuMemSetAccess(address, size, self._access, 1))
         except VMMError:
             if mapped:  # leave nothing half-mapped behind
-                cu.cuMemUnmap(address, mapped * self._page_size)
+                self._cu.cuMemUnmap(address, mapped * page)
             raise
 
     def unmap(self, address: int, num_pages: int) -> None:

@@ -71,6 +71,7 @@ class PagePool:
         headroom_bytes: int = 0,
         policy: ReclaimPolicy | None = None,
         max_events: int = 4096,
+        pooled: bool = True,
     ) -> None:
         if budget_bytes - headroom_bytes < vmm.page_size:
             raise PoolError(
@@ -81,6 +82,9 @@ class PagePool:
         self.page_size = vmm.page_size
         self.budget_pages = (budget_bytes - headroom_bytes) // vmm.page_size
         self.policy = policy or DefaultReclaimPolicy()
+        # False destroys every released page at once (and creates anew on acquire): the
+        # unpooled baseline that benchmarks compare against.
+        self.pooled = pooled
         self.events: deque[PoolEvent] = deque(maxlen=max_events)
         self._lock = threading.Lock()
         self._free: list[int] = []  # created handles owned by no tenant
@@ -217,7 +221,8 @@ class PagePool:
 
     def _take_surplus(self) -> list[int]:
         """Free pages over the budget (after the budget was lowered), to be destroyed."""
-        over = min(len(self._free), self._created - self.budget_pages)
+        keep = self.budget_pages if self.pooled else self._created - len(self._free)
+        over = min(len(self._free), self._created - keep)
         if over <= 0:
             return []
         surplus = self._free[-over:]
