@@ -315,9 +315,15 @@ def _percentiles(latencies: list[float]) -> dict[str, float]:
 
 
 def alloc_latency_under_reclaim(
-    vmm: CudaVMM, reserve: int, seconds: float = 3.0, *, spin: bool = False
+    vmm: CudaVMM, reserve: int, seconds: float = 3.0, *, spin: bool = False, loop: bool = False
 ) -> dict[str, float]:
-    """Tenant A takes 4 blocks per request while tenant B's memory is reclaimed."""
+    """Tenant A takes 4 blocks per request while tenant B's memory is reclaimed.
+
+    Threads (loop=False): the pool's refill thread keeps A's warm reserve up and another
+    thread deflates B. Loop (loop=True): the same maintenance runs in the serving loop
+    itself, between requests, while the GPU would be computing a step — one thread, so
+    no GIL hand-offs on the request path.
+    """
     pool = PagePool(vmm, 12 * GiB)
     victim = ElasticKVCache(llama8b_kv("B", 512 * 1024, reserve=0), pool)
     hot = ElasticKVCache(llama8b_kv("A", 512 * 1024, reserve=reserve), pool)
@@ -327,16 +333,22 @@ def alloc_latency_under_reclaim(
     group = victim.group_pages
     stop = threading.Event()
 
-    def reclaimer() -> None:  # B is deflated a group at a time, as a policy would
-        while not stop.is_set() and victim.mapped_groups > 1:
+    def deflate_victim() -> None:  # B gives back a group at a time, as a policy would
+        if victim.mapped_groups > 1:
             pool.reclaim_from("B", group, ReclaimLevel.FREE)
+
+    def reclaimer() -> None:
+        while not stop.is_set():
+            deflate_victim()
             time.sleep(0.002)
 
-    pool.start_refiller(0.001)
     thread = threading.Thread(target=reclaimer)
-    thread.start()
+    if not loop:
+        pool.start_refiller(0.001)
+        thread.start()
     latencies = []
     held: list[int] = []
+    next_deflate = time.perf_counter()
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:  # a few blocks per request, as decodes grow
         t = time.perf_counter()
@@ -346,10 +358,16 @@ def alloc_latency_under_reclaim(
             break
         latencies.append(elapsed)
         held += blocks
+        if loop:  # maintenance while the step's kernels would run
+            if time.perf_counter() >= next_deflate:
+                deflate_victim()
+                next_deflate = time.perf_counter() + 0.002
+            pool.refill_reserves()
         _pause(spin)
     stop.set()
-    thread.join()
-    pool.stop_refiller()
+    if not loop:
+        thread.join()
+        pool.stop_refiller()
     hot.free(held)
     for cache in (hot, victim):
         cache.check_integrity()
@@ -393,6 +411,9 @@ def main() -> None:
     results["spin_switch_interval_s"] = SPIN_SWITCH_INTERVAL_S
     results["alloc_quiet_spin"] = alloc_latency_quiet(vmm, spin=True)
     results["alloc_under_reclaim_spin"] = alloc_latency_under_reclaim(vmm, reserve=4, spin=True)
+    results["alloc_under_reclaim_loop"] = alloc_latency_under_reclaim(
+        vmm, reserve=4, spin=True, loop=True
+    )
     sys.setswitchinterval(switch)
     results["gil"] = gil_probe(vmm)
     with open(args.out, "w") as f:
@@ -402,6 +423,7 @@ def main() -> None:
     r0 = results["alloc_under_reclaim_no_reserve"]
     q = results["alloc_quiet"]
     qs, rs = results["alloc_quiet_spin"], results["alloc_under_reclaim_spin"]
+    rl = results["alloc_under_reclaim_loop"]
     ba = results["block_alloc"]
     rows = [
         (
@@ -468,6 +490,11 @@ def main() -> None:
         (
             "alloc p50/p99, busy loop: under reclaim / quiet, us",
             f"{rs['p50_us']:.1f} / {rs['p99_us']:.1f} vs {qs['p50_us']:.1f} / {qs['p99_us']:.1f}",
+            "p99 <= 20",
+        ),
+        (
+            "alloc p50/p99 under reclaim, maintenance in the loop, us",
+            f"{rl['p50_us']:.1f} / {rl['p99_us']:.1f}",
             "p99 <= 20",
         ),
         (

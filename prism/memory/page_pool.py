@@ -331,13 +331,21 @@ class PagePool:
             while not self._stop.is_set():
                 self._refill_wake.wait(interval_s)
                 self._refill_wake.clear()
-                with self._lock:
-                    consumers = [t.consumer for t in self._tenants.values() if t.consumer]
-                for consumer in consumers:
-                    consumer.refill_reserve()
+                self.refill_reserves()
 
         self._refiller = threading.Thread(target=loop, name="prism-refill", daemon=True)
         self._refiller.start()
+
+    def refill_reserves(self) -> None:
+        """Top every tenant's warm reserve up now, in the calling thread.
+
+        A serving loop calls this while the GPU runs a step: in Python, doing the
+        driver work on the loop's own thread avoids GIL hand-offs on the request path
+        that a background thread costs."""
+        with self._lock:
+            consumers = [t.consumer for t in self._tenants.values() if t.consumer]
+        for consumer in consumers:
+            consumer.refill_reserve()
 
     def wake_refiller(self) -> None:
         self._refill_wake.set()
