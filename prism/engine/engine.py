@@ -1,0 +1,248 @@
+"""`Engine`: one model served with continuous batching on an elastic KV cache.
+
+`step()` is schedule → run → sample → postprocess. The engine does not know other
+models exist: it asks its `ElasticKVCache` for blocks and reports what it holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from prism.engine.kv_manager import KVBlockManager
+from prism.engine.model_runner import ModelRunner
+from prism.engine.output import RequestOutput
+from prism.engine.request import FinishReason, Request, RequestStatus, TokenLogprobs
+from prism.engine.sampler import Sampler
+from prism.engine.sampling_params import SamplingParams
+from prism.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from prism.engine.stop_checker import StopChecker
+from prism.kvcache import ElasticKVCache, KVCacheConfig
+from prism.memory import PagePool, make_vmm
+from prism.models.attention import AttentionBackend
+from prism.models.llama import LlamaModel
+from prism.models.loader import load_model
+from prism.models.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    name: str = "default"  # the model's name (its tenant name in the page pool)
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    kv_cache_bytes: int = 1 << 30  # the most KV memory this model may map
+    prefix_caching: bool = True
+    host_page_size: int = 64 << 10  # HostVMM page size on the CPU (CUDA uses 2 MiB)
+    seed: int = 0  # for requests without their own seed
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer: Tokenizer | None,
+        kv_cache: ElasticKVCache,
+        config: EngineConfig,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kv_cache = kv_cache
+        self.config = config
+        self.kv = KVBlockManager(kv_cache, config.block_size, prefix_caching=config.prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.runner = ModelRunner(model, kv_cache.kv_caches, config.block_size)
+        self.sampler = Sampler(config.seed)
+        self.eos_ids = set(model.config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self._requests: dict[str, Request] = {}
+        self._text: dict[str, StopChecker] = {}
+        self._ids = itertools.count()
+        capacity = (kv_cache.num_blocks - 1) * config.block_size
+        if config.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the KV cache's "
+                f"{capacity} tokens; raise kv_cache_bytes or lower max_model_len"
+            )
+
+    @classmethod
+    def create(
+        cls,
+        source: str,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        config: EngineConfig | None = None,
+        pool: PagePool | None = None,
+        load_format: str = "auto",
+        attention: AttentionBackend | None = None,
+    ) -> Engine:
+        """Load a model (HF directory, GGUF file or preset name with load_format="dummy")
+        and give it an elastic KV cache in `pool` (a private pool if None)."""
+        config = config or EngineConfig()
+        dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+        loaded = load_model(
+            source,
+            dtype=dtype,
+            device=device,
+            load_format=load_format,  # type: ignore[arg-type]
+            attention=attention,
+        )
+        if pool is None:
+            page = config.host_page_size if device == "cpu" else None
+            pool = PagePool(make_vmm(device, page), config.kv_cache_bytes)
+        mc = loaded.config
+        kv_config = KVCacheConfig(
+            name=config.name,
+            num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            block_size=config.block_size,
+            dtype=dtype,
+            max_tokens=config.kv_cache_bytes
+            // (2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * dtype.itemsize),
+            max_pages=config.kv_cache_bytes // pool.page_size,
+        )
+        return cls(loaded.model, loaded.tokenizer, ElasticKVCache(kv_config, pool), config)
+
+    # ---- requests --------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        limit = self.config.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; this model takes at most {limit - 1} "
+                f"(max_model_len {limit} includes at least one output token)"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, ids, params)
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.model.device)
+            req.generator.manual_seed(params.seed)
+        self._requests[request_id] = req
+        if self.tokenizer is not None:
+            self._text[request_id] = StopChecker(self.tokenizer, ids, params)
+        self.scheduler.add(req)
+        return request_id
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; None if it is not known."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish(req, FinishReason.ABORT, [], [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    # ---- the step ----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, rows = self.runner.execute(batch)
+        self._advance(batch)
+        if not rows:
+            return []
+        sampled = [batch.requests[i] for i in rows]
+        result = self.sampler.sample(logits, sampled)
+        return [
+            self._append(req, token, lp)
+            for req, token, lp in zip(sampled, result.token_ids, result.logprobs, strict=True)
+        ]
+
+    def _advance(self, batch: ScheduledBatch) -> None:
+        for req, count in zip(batch.requests, batch.num_tokens, strict=True):
+            req.num_computed_tokens += count
+            self.kv.commit(req)
+
+    def _append(self, req: Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        req.token_ids.append(token)
+        new_logprobs = [logprobs] if logprobs is not None else []
+        req.logprobs += new_logprobs
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        reason = self._finish_reason(req, token)
+        if reason is not None:
+            return self._finish(req, reason, [token], new_logprobs)
+        text = self._text.get(req.request_id)
+        delta = text.release(finished=False) if text else ""
+        return self._output(req, [token], delta, new_logprobs)
+
+    def _finish_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            return FinishReason.STOP
+        text = self._text.get(req.request_id)
+        if text is not None and text.add(token):
+            return FinishReason.STOP
+        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(
+        self, req: Request, reason: FinishReason, tokens: list[int], logprobs: list[TokenLogprobs]
+    ) -> RequestOutput:
+        if req.status is not RequestStatus.FINISHED:
+            self.scheduler.finish(req)
+        req.finish_reason = reason
+        text = self._text.pop(req.request_id, None)
+        delta = text.release(finished=True) if text else ""
+        self._requests.pop(req.request_id, None)
+        return self._output(req, tokens, delta, logprobs)
+
+    @staticmethod
+    def _output(
+        req: Request, tokens: list[int], delta: str, logprobs: list[TokenLogprobs]
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=tokens,
+            text_delta=delta,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            logprobs=logprobs,
+        )
+
+    def close(self) -> None:
+        for request_id in list(self._requests):
+            self.abort(request_id)
+        self.kv.reset_prefix_cache()
+        self.kv_cache.close()

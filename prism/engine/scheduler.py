@@ -1,0 +1,116 @@
+"""`Scheduler`: which requests run this step, and how many of their tokens.
+
+Running requests go first, in arrival order: a decode needs one token, an unfinished
+prefill its next chunk. Then waiting requests are admitted while the token budget,
+the sequence limit and the KV cache allow. Prefills are chunked to the budget, so a
+long prompt never stalls the decodes running beside it. When the KV cache cannot give
+a running request its next block, the most recently arrived running request is
+preempted by recompute: its blocks are freed and it waits again, keeping its output.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from prism.engine.kv_manager import KVBlockManager
+from prism.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128  # sequences in one step
+    max_num_batched_tokens: int = 2048  # tokens in one step: the chunked-prefill budget
+    max_model_len: int = 4096  # prompt + output tokens of one request
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """The contract between scheduler and model runner for one step."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens to compute, per request
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVBlockManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        self._admit_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            count = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self._make_room(req, count, batch):
+                batch.requests.append(req)
+                batch.num_tokens.append(count)
+                budget -= count
+                i += 1
+        return budget
+
+    def _make_room(self, req: Request, count: int, batch: ScheduledBatch) -> bool:
+        """Blocks for `count` more tokens of running `req`, preempting the latest running
+        requests while the cache is short; False if `req` itself had to give way."""
+        while not self.kv.allocate(req, count):
+            victim = self.running.pop()
+            self._preempt(victim, batch)
+            if victim is req:
+                return False
+        return True
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if req in batch.preempted:
+                break  # not back in the step that preempted it
+            count = self.kv.admit(req, budget)
+            if count == 0:
+                break  # the cache is full: the head of the queue waits
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            batch.requests.append(req)
+            batch.num_tokens.append(count)
+            budget -= count
+
+    def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_cached_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        batch.preempted.append(req)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request and free its blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
