@@ -23,6 +23,7 @@ from prism.engine.stop_checker import StopChecker
 from prism.kvcache import ElasticKVCache, KVCacheConfig
 from prism.memory import PagePool, make_vmm
 from prism.models.attention import AttentionBackend
+from prism.models.config import ModelConfig
 from prism.models.llama import LlamaModel
 from prism.models.loader import load_model
 from prism.models.tokenizer import Tokenizer
@@ -39,6 +40,8 @@ class EngineConfig:
     prefix_caching: bool = True
     host_page_size: int = 64 << 10  # HostVMM page size on the CPU (CUDA uses 2 MiB)
     seed: int = 0  # for requests without their own seed
+    # decode batch sizes captured as CUDA graphs (CUDA only); () runs every step eagerly
+    cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -59,7 +62,9 @@ class Engine:
         self.config = config
         self.kv = KVBlockManager(kv_cache, config.block_size, prefix_caching=config.prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(model, kv_cache.kv_caches, config.block_size)
+        self.runner = ModelRunner(
+            model, kv_cache.kv_caches, config.block_size, config.max_model_len
+        )
         self.sampler = Sampler(config.seed)
         self.eos_ids = set(model.config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -73,11 +78,12 @@ class Engine:
                 f"max_model_len {config.max_model_len} exceeds the KV cache's "
                 f"{capacity} tokens; raise kv_cache_bytes or lower max_model_len"
             )
+        self.runner.capture([s for s in config.cuda_graph_sizes if s <= config.max_num_seqs])
 
     @classmethod
     def create(
         cls,
-        source: str,
+        source: str | ModelConfig,
         *,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
@@ -90,6 +96,10 @@ class Engine:
         and give it an elastic KV cache in `pool` (a private pool if None)."""
         config = config or EngineConfig()
         dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+        if attention is None and device.startswith("cuda"):
+            from prism.models.triton_attention import TritonAttention
+
+            attention = TritonAttention()
         loaded = load_model(
             source,
             dtype=dtype,

@@ -1,0 +1,282 @@
+"""Engine benchmark on one GPU: decode and prefill against the physical floor, offline
+throughput against Hugging Face transformers, KV memory mapped vs static reservation.
+
+Everything is measured in one run: the copy bandwidth and bf16 matmul rate that make
+the floors, then Prism's engine (random weights at real model shapes, bf16), then
+transformers on the same shapes and requests.
+
+Usage: python benchmarks/bench_engine.py --trace PATH/AzureLLMInferenceTrace_code.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import random
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from prism.engine import Engine, EngineConfig, SamplingParams
+from prism.models.config import ModelConfig
+from prism.models.presets import PRESETS
+
+GiB = 1 << 30
+
+
+def ceilings() -> dict[str, float]:
+    """Device-to-device copy bandwidth (read + write bytes) and bf16 matmul rate."""
+    x = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    bw = 2 * x.numel() / statistics.median(times[2:])
+    del x, y
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    rate = 10 * 2 * n**3 / (time.perf_counter() - t)
+    return {"copy_bytes_per_s": bw, "bf16_flops_per_s": rate}
+
+
+def make_engine(config: ModelConfig, **kw: Any) -> Engine:
+    return Engine.create(
+        config, device="cuda", dtype=torch.bfloat16, config=EngineConfig(**kw), load_format="dummy"
+    )
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Parameters multiplied per token (the embedding lookup is not a matmul)."""
+    return config.num_parameters() - config.vocab_size * config.hidden_size * (
+        0 if config.tie_word_embeddings else 1
+    )
+
+
+def decode(config: ModelConfig, ceil: dict[str, float], batches: list[int], ctx: int) -> list[dict]:
+    """Steady decode step time at each batch size, context `ctx`, vs the floor."""
+    engine = make_engine(
+        config, max_num_seqs=max(batches), max_model_len=ctx + 256,
+        max_num_batched_tokens=max(8192, ctx), kv_cache_bytes=40 * GiB, prefix_caching=False,
+    )  # fmt: skip
+    weight_bytes = config.weight_bytes(torch.bfloat16)
+    kv_per_token = config.kv_bytes_per_token(torch.bfloat16)
+    rows = []
+    rng = random.Random(0)
+    for batch in batches:
+        params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        ids = [
+            engine.add_request([rng.randrange(config.vocab_size) for _ in range(ctx)], params)
+            for _ in range(batch)
+        ]
+        while any(r.num_output_tokens == 0 for r in map(engine.request, ids) if r):
+            engine.step()  # prefill every request
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+        steps = 30
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        step_s = (time.perf_counter() - t) / steps
+        kv_bytes = batch * (ctx + 20) * kv_per_token
+        floor_bytes = (weight_bytes + kv_bytes) / ceil["copy_bytes_per_s"]
+        floor_flops = 2 * matmul_params(config) * batch / ceil["bf16_flops_per_s"]
+        floor = max(floor_bytes, floor_flops)
+        rows.append({"batch": batch, "ctx": ctx, "step_ms": step_s * 1e3,
+                     "floor_ms": floor * 1e3, "over_floor": step_s / floor})  # fmt: skip
+        for i in ids:
+            engine.abort(i)
+    engine.close()
+    return rows
+
+
+def prefill(config: ModelConfig, ceil: dict[str, float], lengths: list[int]) -> list[dict]:
+    """One prompt of each length in one step: achieved FLOP rate vs the matmul rate."""
+    engine = make_engine(
+        config, max_num_seqs=4, max_model_len=max(lengths) + 16,
+        max_num_batched_tokens=max(lengths), kv_cache_bytes=20 * GiB, prefix_caching=False,
+        cuda_graph_sizes=(),
+    )  # fmt: skip
+    rows = []
+    rng = random.Random(1)
+    for n in lengths:
+        times = []
+        for _ in range(4):
+            engine.add_request(
+                [rng.randrange(config.vocab_size) for _ in range(n)],
+                SamplingParams(max_tokens=1, temperature=0.0),
+            )
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+        step = statistics.median(times[1:])
+        attn = 2 * config.num_layers * config.num_heads * config.head_dim * n * n  # causal QK+PV
+        flops = 2 * matmul_params(config) * n + attn
+        rows.append({"tokens": n, "step_ms": step * 1e3, "tflops": flops / step / 1e12,
+                     "of_matmul_rate": flops / step / ceil["bf16_flops_per_s"]})  # fmt: skip
+    engine.close()
+    return rows
+
+
+def trace_requests(
+    path: str, count: int, max_prompt: int, max_output: int
+) -> list[tuple[int, int]]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    rng = random.Random(2)
+    picked = rng.sample(rows, count)
+    return [
+        (
+            min(int(r["ContextTokens"]), max_prompt),
+            max(1, min(int(r["GeneratedTokens"]), max_output)),
+        )
+        for r in picked
+    ]
+
+
+def offline_prism(
+    config: ModelConfig, requests: list[tuple[int, int]], fixed_output: int | None
+) -> dict:
+    """All requests at once through the engine; output tokens per second."""
+    max_prompt = max(p for p, _ in requests)
+    engine = make_engine(
+        config, max_num_seqs=256, max_model_len=max_prompt + 512, max_num_batched_tokens=8192,
+        kv_cache_bytes=60 * GiB, prefix_caching=False,
+    )  # fmt: skip
+    rng = random.Random(3)
+    prompts = [[rng.randrange(config.vocab_size) for _ in range(p)] for p, _ in requests]
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out_tokens = 0
+    peak_mapped = 0
+    for prompt, (_, out_len) in zip(prompts, requests, strict=True):
+        n = fixed_output or out_len
+        engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished():
+        out_tokens += sum(len(o.new_token_ids) for o in engine.step())
+        peak_mapped = max(peak_mapped, engine.kv_cache.mapped_bytes)
+    elapsed = time.perf_counter() - t
+    kv_token = config.kv_bytes_per_token(torch.bfloat16)
+    static = 256 * (max_prompt + 512) * kv_token  # every slot reserved for max_model_len
+    engine.close()
+    return {"requests": len(requests), "output_tokens": out_tokens, "seconds": elapsed,
+            "tokens_per_s": out_tokens / elapsed, "peak_kv_mapped_gib": peak_mapped / GiB,
+            "static_reservation_gib": static / GiB}  # fmt: skip
+
+
+def hf_model(config: ModelConfig) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_word_embeddings, max_position_embeddings=8192,
+    )  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hf).to(torch.bfloat16)
+    return model.eval()
+
+
+def offline_hf(config: ModelConfig, requests: list[tuple[int, int]], output: int) -> dict:
+    """transformers' continuous-batching generate_batch on the same prompts."""
+    from transformers.generation import GenerationConfig
+
+    model = hf_model(config)
+    model.set_attn_implementation("sdpa_paged")
+    rng = random.Random(3)
+    prompts = [[rng.randrange(config.vocab_size) for _ in range(p)] for p, _ in requests]
+    gen = GenerationConfig(max_new_tokens=output, do_sample=False, eos_token_id=-1,
+                           pad_token_id=0)  # fmt: skip
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+    elapsed = time.perf_counter() - t
+    tokens = sum(len(r.generated_tokens) for r in results.values())
+    del model
+    torch.cuda.empty_cache()
+    return {"requests": len(requests), "output_tokens": tokens, "seconds": elapsed,
+            "tokens_per_s": tokens / elapsed}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trace", required=True)
+    parser.add_argument("--out", default="bench_engine.json")
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--parts", default="decode,prefill,offline")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    results: dict[str, Any] = {
+        "benchmark": "bench_engine",
+        "device": torch.cuda.get_device_name(0),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": os.environ.get("PRISM_COMMIT", "unknown"),
+        "torch": torch.__version__,
+    }
+    ceil = results["ceilings"] = ceilings()
+    big = PRESETS["llama-3.1-8b"]
+    if "decode" in parts:
+        results["decode_8b"] = decode(big, ceil, [1, 8, 32, 128], ctx=512)
+    if "prefill" in parts:
+        results["prefill_8b"] = prefill(big, ceil, [512, 2048, 8192])
+    if "offline" in parts:
+        reqs = trace_requests(args.trace, args.requests, max_prompt=512, max_output=128)
+        fixed = 64
+        results["offline"] = {}
+        for name in ("llama-3.2-1b", "llama-3.1-8b"):
+            row: dict[str, Any] = {
+                "trace_lengths": offline_prism(PRESETS[name], reqs, None),
+                "fixed_output": offline_prism(PRESETS[name], reqs, fixed),
+            }
+            if not args.skip_hf:
+                row["hf_generate_batch"] = offline_hf(PRESETS[name], reqs, fixed)
+                row["prism_over_hf"] = (
+                    row["fixed_output"]["tokens_per_s"] / row["hf_generate_batch"]["tokens_per_s"]
+                )
+            results["offline"][name] = row
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\ncopy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s")  # fmt: skip
+    for r in results.get("decode_8b", []):
+        print(f"decode 8B batch {r['batch']:>3}: {r['step_ms']:7.2f} ms vs floor "
+              f"{r['floor_ms']:6.2f} ms = {r['over_floor']:.2f}x")  # fmt: skip
+    for r in results.get("prefill_8b", []):
+        print(f"prefill 8B {r['tokens']:>5} tokens: {r['step_ms']:7.1f} ms, {r['tflops']:.0f} "
+              f"TFLOP/s = {r['of_matmul_rate']:.0%} of matmul rate")  # fmt: skip
+    for name, row in results.get("offline", {}).items():
+        line = (f"offline {name}: trace {row['trace_lengths']['tokens_per_s']:.0f} tok/s, "
+                f"fixed-64 {row['fixed_output']['tokens_per_s']:.0f} tok/s")  # fmt: skip
+        if "hf_generate_batch" in row:
+            line += (f", HF generate_batch {row['hf_generate_batch']['tokens_per_s']:.0f} "
+                     f"tok/s = {row['prism_over_hf']:.1f}x")  # fmt: skip
+        kv = row["trace_lengths"]
+        line += (f"; KV peak {kv['peak_kv_mapped_gib']:.2f} GiB vs static "
+                 f"{kv['static_reservation_gib']:.1f} GiB")  # fmt: skip
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
