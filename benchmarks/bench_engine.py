@@ -65,7 +65,7 @@ def make_engine(config: ModelConfig, **kw: Any) -> Engine:
 
 def matmul_params(config: ModelConfig) -> int:
     """Parameters multiplied per token (the embedding lookup is not a matmul)."""
-    return config.num_parameters() - config.vocab_size * config.hidden_size * (
+    return config.num_parameters - config.vocab_size * config.hidden_size * (
         0 if config.tie_word_embeddings else 1
     )
 

@@ -79,7 +79,9 @@ class AttentionMetadata:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=device).reshape(len(table), width),
+            block_tables=torch.tensor(table, dtype=torch.int32, device=device).reshape(
+                len(table), width
+            ),
             block_size=block_size,
             query_lens_cpu=tuple(query_lens),
             seq_lens_cpu=tuple(seq_lens),

@@ -58,9 +58,8 @@ class RopeScaling:
                 high_freq_factor=float(d["high_freq_factor"]),
                 original_max_position_embeddings=int(d["original_max_position_embeddings"]),
             )
-        raise ValueError(
-            f"unsupported rope scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_SCALING)}"
-        )
+        supported = ", ".join(SUPPORTED_ROPE_SCALING)
+        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: {supported}")
 
 
 @dataclass(frozen=True)
@@ -199,9 +198,7 @@ def _hf_architecture(d: Mapping[str, Any]) -> Architecture:
     if not names and d.get("model_type") in _MODEL_TYPES:
         return _MODEL_TYPES[d["model_type"]]
     found = ", ".join(names) or repr(d.get("model_type"))
-    raise ValueError(
-        f"unsupported architecture {found}; supported: {', '.join(HF_ARCHITECTURES)}"
-    )
+    raise ValueError(f"unsupported architecture {found}; supported: {', '.join(HF_ARCHITECTURES)}")
 
 
 def _as_id_tuple(value: int | list[int] | None) -> tuple[int, ...]:
@@ -210,4 +207,3 @@ def _as_id_tuple(value: int | list[int] | None) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,)
     return tuple(int(v) for v in value)
-

@@ -31,7 +31,7 @@ def gguf_architecture(reader: gguf.GGUFReader) -> Architecture:
         raise ValueError(
             f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}"
         )
-    return arch  # type: ignore[no-any-return]
+    return arch
 
 
 def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
@@ -44,7 +44,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
     hidden = int(meta("embedding_length"))
     num_heads = int(meta("attention.head_count"))
     head_dim = int(meta("attention.key_length", hidden // num_heads))
-    theta = float(meta("rope.freq_base", 10000.0))
+    theta = _decimal(meta("rope.freq_base", 10000.0))
     embed = tensors["token_embd.weight"]
     return ModelConfig(
         architecture=arch,
@@ -55,7 +55,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         num_heads=num_heads,
         num_kv_heads=int(meta("attention.head_count_kv", num_heads)),
         head_dim=head_dim,
-        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=_decimal(meta("attention.layer_norm_rms_epsilon")),
         rope_theta=theta,
         max_position_embeddings=int(meta("context_length")),
         rope_scaling=_rope_scaling(reader, arch, tensors, head_dim, theta),
@@ -65,6 +65,12 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id", None),
         eos_token_ids=_eos_ids(reader),
     )
+
+
+def _decimal(value: float) -> float:
+    """GGUF floats are float32: 1e-5 reads back as 9.99999974e-06. Take the shortest decimal
+    that rounds to the same float32, which is what the model's author wrote."""
+    return float(str(np.float32(value)))
 
 
 def _eos_ids(reader: gguf.GGUFReader) -> tuple[int, ...]:
@@ -79,22 +85,32 @@ def _rope_scaling(
 ) -> RopeScaling | None:
     kind = gguf_field(reader, f"{arch}.rope.scaling.type", "none")
     if kind == "linear":
-        return RopeScaling(kind="linear", factor=float(gguf_field(reader, f"{arch}.rope.scaling.factor")))
+        return RopeScaling(
+            kind="linear", factor=_decimal(gguf_field(reader, f"{arch}.rope.scaling.factor"))
+        )
     if kind not in ("none", ""):
         raise ValueError(f"unsupported GGUF rope scaling type {kind!r}; supported: linear, llama3")
     if "rope_freqs.weight" in tensors:
         factors = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32)
-        return _fit_llama3(torch.from_numpy(factors.copy()), head_dim, theta)
+        original = int(gguf_field(reader, f"{arch}.rope.scaling.original_context_length", 8192))
+        return _fit_llama3(torch.from_numpy(factors.copy()), head_dim, theta, original)
     return None
 
 
-def _fit_llama3(factors: torch.Tensor, head_dim: int, theta: float) -> RopeScaling:
+def _fit_llama3(
+    factors: torch.Tensor, head_dim: int, theta: float, original_context: int = 8192
+) -> RopeScaling:
     """llama.cpp stores llama3 scaling as per-frequency divisors; recover the parameters.
 
     factors: [head_dim / 2], inv_freq_scaled = inv_freq / factors. The largest divisor is the
-    scaling factor; the remaining parameters have been the same for every Llama 3.x release.
+    scaling factor; the low/high frequency factors (1, 4) and original context (8192 unless
+    the file says) have been the same for every Llama 3.x release. Checked, not assumed.
     """
-    scaling = RopeScaling(kind="llama3", factor=float(factors.max()))
+    scaling = RopeScaling(
+        kind="llama3",
+        factor=_decimal(float(factors.max())),
+        original_max_position_embeddings=original_context,
+    )
     expected = rope_inv_freq(head_dim, theta, None) / factors
     if not torch.allclose(rope_inv_freq(head_dim, theta, scaling), expected, rtol=1e-4):
         raise ValueError("GGUF rope_freqs.weight does not match llama3 rope scaling")

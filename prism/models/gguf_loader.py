@@ -69,8 +69,10 @@ def iter_gguf_weights(
 
 def _dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
     shape = tuple(int(d) for d in reversed(tensor.shape))  # HF order
-    data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    return np.asarray(data, dtype=np.float32).reshape(shape)
+    data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    if not data.flags.writeable:  # F32 tensors come back as views of the read-only memmap
+        data = data.copy()
+    return data.reshape(shape)
 
 
 def unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -112,15 +112,18 @@ class LlamaModel:
         missing = [n for n in shapes if n not in tensors]
         unexpected = [n for n in tensors if n not in shapes]
         if missing or unexpected:
-            raise WeightLoadError(f"cannot bind: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise WeightLoadError(
+                f"cannot bind: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         for name, shape in shapes.items():
             if tuple(tensors[name].shape) != shape:
-                raise WeightLoadError(
-                    f"cannot bind {name!r}: got shape {tuple(tensors[name].shape)}, expected {shape}"
-                )
+                got = tuple(tensors[name].shape)
+                raise WeightLoadError(f"cannot bind {name!r}: got shape {got}, expected {shape}")
         kinds = {(t.dtype, t.device) for t in tensors.values()}
         if len(kinds) != 1:
-            raise WeightLoadError(f"weights must share one dtype and device, got {sorted(map(str, kinds))}")
+            raise WeightLoadError(
+                f"weights must share one dtype and device, got {sorted(map(str, kinds))}"
+            )
 
     @property
     def weights(self) -> Mapping[str, torch.Tensor]:
@@ -156,7 +159,9 @@ class LlamaModel:
         eps = self.config.rms_norm_eps
         h = F.embedding(input_ids, self._embed)  # [T, H]
         for layer, kv_cache in zip(self._layers, kv_caches, strict=True):
-            h = h + self._attention(layer, rms_norm(h, layer.input_norm, eps), positions, kv_cache, meta)
+            h = h + self._attention(
+                layer, rms_norm(h, layer.input_norm, eps), positions, kv_cache, meta
+            )
             x = rms_norm(h, layer.post_norm, eps)
             h = h + swiglu_mlp(x, layer.gate_proj, layer.up_proj, layer.down_proj)
         return rms_norm(h, self._weights["model.norm.weight"], eps)

@@ -23,21 +23,29 @@ class TorchAttention(AttentionBackend):
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)  # [T, Hq, D]
         start = 0
-        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        for i, (q_len, seq_len) in enumerate(
+            zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)
+        ):
             k_ctx = _gather(k_cache, meta.block_tables[i], seq_len, meta.block_size)
             v_ctx = _gather(v_cache, meta.block_tables[i], seq_len, meta.block_size)
-            out[start : start + q_len] = causal_attention(q[start : start + q_len], k_ctx, v_ctx, scale)
+            out[start : start + q_len] = causal_attention(
+                q[start : start + q_len], k_ctx, v_ctx, scale
+            )
             start += q_len
         return out
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+def _gather(
+    cache: torch.Tensor, blocks: torch.Tensor, seq_len: int, block_size: int
+) -> torch.Tensor:
     """cache: [N, bs, Hkv, D], blocks: [max_blocks] -> the first seq_len tokens [S, Hkv, D]."""
     used = blocks[: -(-seq_len // block_size)].long()
     return cache[used].flatten(0, 1)[:seq_len]
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
     """q: [L, Hq, D] are the last L of S positions; k, v: [S, Hkv, D] -> [L, Hq, D]."""
     q_len, num_heads, head_dim = q.shape
     seq_len, num_kv_heads, _ = k.shape

@@ -58,7 +58,7 @@ def test_triton_attention_matches_reference(query_lens, seq_lens) -> None:  # ty
 def _tiny_llama() -> ModelConfig:
     return ModelConfig(
         architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
-        num_layers=2, num_heads=8, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5,
+        num_layers=2, num_heads=16, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5,
         rope_theta=10000.0, max_position_embeddings=2048,
     )  # fmt: skip
 
@@ -103,7 +103,10 @@ def test_cuda_graph_decode_equals_eager() -> None:
 
 
 def test_graphs_survive_kv_pages_moving() -> None:
-    """Decode graphs keep replaying correctly after the KV cache shrank and regrew."""
+    """Decode graphs keep replaying correctly after the KV cache shrank and regrew.
+
+    fp32, 8 KV heads of 64: 32 KiB blocks, 64 to a 2 MiB page group, so these prompts
+    span several groups beyond group 0 and trimming really unmaps pages."""
     engine = _engine(True)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     prompts = [list(range(1, 300)), list(range(5, 200)), list(range(9, 100)), [3] * 250]
