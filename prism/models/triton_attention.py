@@ -174,8 +174,12 @@ class TritonAttention(AttentionBackend):
                 q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
                 mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
                 causal = False
+            group = qs.shape[0] // ks.shape[0]
+            if group > 1:  # the flash kernel wants one K/V head per query head
+                ks = ks.repeat_interleave(group, dim=0)
+                vs = vs.repeat_interleave(group, dim=0)
             o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+                qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale
             )
             out[start : start + q_len] = o.transpose(0, 1)
             start += q_len

@@ -63,10 +63,10 @@ def _tiny_llama() -> ModelConfig:
     )  # fmt: skip
 
 
-def _engine(graphs: bool) -> Engine:
+def _engine(graphs: bool, max_model_len: int = 512) -> Engine:
     config = EngineConfig(
         max_num_seqs=8,
-        max_model_len=512,
+        max_model_len=max_model_len,
         kv_cache_bytes=256 << 20,
         cuda_graph_sizes=(1, 2, 4, 8) if graphs else (),
     )
@@ -107,9 +107,9 @@ def test_graphs_survive_kv_pages_moving() -> None:
 
     fp32, 8 KV heads of 64: 32 KiB blocks, 64 to a 2 MiB page group, so these prompts
     span several groups beyond group 0 and trimming really unmaps pages."""
-    engine = _engine(True)
+    engine = _engine(True, max_model_len=2048)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    prompts = [list(range(1, 300)), list(range(5, 200)), list(range(9, 100)), [3] * 250]
+    prompts = [[i % 500 + 1 for i in range(n)] for n in (1500, 1200, 800, 1000)]
     before = _run(engine, prompts, params)
     engine.kv.reset_prefix_cache()
     assert engine.kv_cache.trim(0) > 0  # pages went back to the pool
