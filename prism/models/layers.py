@@ -7,21 +7,41 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prism.models import triton_ops
 from prism.models.config import RopeScaling
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Use the Triton kernels for contiguous CUDA tensors."""
+    return x.is_cuda and triton_ops.AVAILABLE and x.is_contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., N], weight: [N]. Statistics in fp32, scaling in x's dtype (as HF does)."""
+    if _fused(x):
+        return triton_ops.add_rms_norm(x, None, weight, eps)[0]
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x): a decoder layer's residual step."""
+    if _fused(x) and residual.is_contiguous():
+        return triton_ops.add_rms_norm(x, residual, weight, eps)
+    residual = residual + x
+    return rms_norm(residual, weight, eps), residual
 
 
 def swiglu_mlp(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
     """x: [T, H]; gate, up: [I, H]; down: [H, I] -> [T, H]."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    g, u = F.linear(x, gate), F.linear(x, up)
+    act = triton_ops.silu_mul(g, u) if _fused(g) else F.silu(g) * u
+    return F.linear(act, down)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -71,6 +91,10 @@ class RotaryEmbedding:
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hkv, D], positions: [T] -> rotated q, k."""
+        if _fused(q) and k.is_contiguous():  # in place: q and k are fresh projections
+            triton_ops.rope_(q, self.cos, self.sin, positions)
+            triton_ops.rope_(k, self.cos, self.sin, positions)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from prism.models.attention import AttentionBackend, AttentionMetadata, KVCache
 from prism.models.config import ModelConfig
-from prism.models.layers import RotaryEmbedding, rms_norm, swiglu_mlp
+from prism.models.layers import RotaryEmbedding, add_rms_norm, rms_norm, swiglu_mlp
 from prism.models.torch_attention import TorchAttention
 from prism.models.weights import WeightLoadError, allocate_weights
 
@@ -157,14 +157,16 @@ class LlamaModel:
         if len(kv_caches) != self.config.num_layers:
             raise ValueError(f"expected {self.config.num_layers} KV caches, got {len(kv_caches)}")
         eps = self.config.rms_norm_eps
-        h = F.embedding(input_ids, self._embed)  # [T, H]
-        for layer, kv_cache in zip(self._layers, kv_caches, strict=True):
-            h = h + self._attention(
-                layer, rms_norm(h, layer.input_norm, eps), positions, kv_cache, meta
-            )
-            x = rms_norm(h, layer.post_norm, eps)
-            h = h + swiglu_mlp(x, layer.gate_proj, layer.up_proj, layer.down_proj)
-        return rms_norm(h, self._weights["model.norm.weight"], eps)
+        residual = F.embedding(input_ids, self._embed)  # [T, H]
+        x = rms_norm(residual, self._layers[0].input_norm, eps)
+        norms = [layer.input_norm for layer in self._layers[1:]]
+        norms.append(self._weights["model.norm.weight"])
+        for layer, kv_cache, next_norm in zip(self._layers, kv_caches, norms, strict=True):
+            out = self._attention(layer, x, positions, kv_cache, meta)
+            x, residual = add_rms_norm(out, residual, layer.post_norm, eps)
+            out = swiglu_mlp(x, layer.gate_proj, layer.up_proj, layer.down_proj)
+            x, residual = add_rms_norm(out, residual, next_norm, eps)
+        return x
 
     __call__ = forward
 

@@ -178,9 +178,9 @@ class TritonAttention(AttentionBackend):
             if group > 1:  # the flash kernel wants one K/V head per query head
                 ks = ks.repeat_interleave(group, dim=0)
                 vs = vs.repeat_interleave(group, dim=0)
-            o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale
+            o = F.scaled_dot_product_attention(  # 4-D [1, H, L, D]: the flash kernel's shape
+                qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal, scale=scale
             )
-            out[start : start + q_len] = o.transpose(0, 1)
+            out[start : start + q_len] = o[0].transpose(0, 1)
             start += q_len
         return out
