@@ -266,6 +266,9 @@ def main() -> None:
                     row["fixed_output"]["tokens_per_s"] / row["hf_generate_batch"]["tokens_per_s"]
                 )
             results["offline"][name] = row
+            with open(args.out, "w") as f:  # keep what is done if a later part runs out of time
+                json.dump(results, f, indent=2)
+            print(name, json.dumps(row), flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"\ncopy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
