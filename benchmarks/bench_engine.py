@@ -213,7 +213,7 @@ def offline_hf(config: ModelConfig, requests: list[tuple[int, int]], output: int
     from transformers.generation import GenerationConfig
 
     model = hf_model(config)
-    model.set_attn_implementation("sdpa_paged")
+    model.set_attn_implementation("paged|sdpa")
     rng = random.Random(3)
     prompts = [[rng.randrange(config.vocab_size) for _ in range(p)] for p, _ in requests]
     gen = GenerationConfig(max_new_tokens=output, do_sample=False, eos_token_id=-1,
