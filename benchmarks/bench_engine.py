@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--parts", default="decode,prefill,offline")
+    parser.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b", help="offline models")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     results: dict[str, Any] = {
@@ -255,7 +256,7 @@ def main() -> None:
         reqs = trace_requests(args.trace, args.requests, max_prompt=512, max_output=128)
         fixed = 64
         results["offline"] = {}
-        for name in ("llama-3.2-1b", "llama-3.1-8b"):
+        for name in args.models.split(","):
             row: dict[str, Any] = {
                 "trace_lengths": offline_prism(PRESETS[name], reqs, None),
                 "fixed_output": offline_prism(PRESETS[name], reqs, fixed),

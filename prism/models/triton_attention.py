@@ -143,10 +143,10 @@ class TritonAttention(AttentionBackend):
         v_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         if meta.max_query_len == 1:
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-        return self._prefill(q, k, v, k_cache, v_cache, meta, scale)
+        return self._mixed(q, k, v, k_cache, v_cache, meta, scale)
 
-    @staticmethod
-    def _prefill(
+    def _mixed(
+        self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -155,32 +155,59 @@ class TritonAttention(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        """A step with prefill chunks: decodes in one kernel launch, prefills one by one."""
         out = torch.empty_like(q)
-        bs = meta.block_size
-        start = 0
+        starts = [0]
+        for q_len in meta.query_lens_cpu:
+            starts.append(starts[-1] + q_len)
+        decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
+        if decodes:
+            seqs = torch.tensor(decodes, device=q.device)
+            rows = torch.tensor([starts[i] for i in decodes], device=q.device)
+            out[rows] = paged_decode(
+                q[rows], k_cache, v_cache, meta.block_tables[seqs], meta.seq_lens[seqs], scale
+            )
         for i, (q_len, seq_len) in enumerate(
             zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)
         ):
-            qs = q[start : start + q_len].transpose(0, 1)  # [Hq, L, D]
-            if q_len == seq_len:  # the whole context is this step's tokens
-                ks = k[start : start + q_len].transpose(0, 1)
-                vs = v[start : start + q_len].transpose(0, 1)
-                mask = None
-                causal = True
-            else:  # earlier context lives in the cache
-                blocks = meta.block_tables[i, : -(-seq_len // bs)].long()
-                ks = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, S, D]
-                vs = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
-                q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-                mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-                causal = False
-            group = qs.shape[0] // ks.shape[0]
-            if group > 1:  # the flash kernel wants one K/V head per query head
-                ks = ks.repeat_interleave(group, dim=0)
-                vs = vs.repeat_interleave(group, dim=0)
-            o = F.scaled_dot_product_attention(  # 4-D [1, H, L, D]: the flash kernel's shape
-                qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal, scale=scale
-            )
-            out[start : start + q_len] = o[0].transpose(0, 1)
-            start += q_len
+            if q_len > 1:
+                rows_i = slice(starts[i], starts[i] + q_len)
+                out[rows_i] = self._prefill_one(
+                    q[rows_i], k[rows_i], v[rows_i], k_cache, v_cache,
+                    meta.block_tables[i], seq_len, meta.block_size, scale,
+                )  # fmt: skip
         return out
+
+    @staticmethod
+    def _prefill_one(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        table: torch.Tensor,
+        seq_len: int,
+        bs: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """One sequence's chunk q: [L, Hq, D] over its whole context -> [L, Hq, D]."""
+        q_len = q.shape[0]
+        qs = q.transpose(0, 1)  # [Hq, L, D]
+        if q_len == seq_len:  # the whole context is this step's tokens
+            ks, vs = k.transpose(0, 1), v.transpose(0, 1)
+            mask, causal = None, True
+        else:  # earlier context lives in the cache
+            blocks = table[: -(-seq_len // bs)].long()
+            ks = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, S, D]
+            vs = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+            causal = False
+        group = qs.shape[0] // ks.shape[0]
+        if group > 1:  # the flash kernel wants one K/V head per query head
+            ks = ks.repeat_interleave(group, dim=0)
+            vs = vs.repeat_interleave(group, dim=0)
+        o = F.scaled_dot_product_attention(  # 4-D [1, H, L, D]: the flash kernel's shape
+            qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal, scale=scale
+        )
+        return o[0].transpose(0, 1)
