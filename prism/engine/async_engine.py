@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -46,7 +47,7 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_free_blocks: int = 0  # mapped and held by no request (free + evictable prefix cache)
-    kv_used_blocks: int = 0  # mapped and held by requests
+    kv_used_blocks: int = 0  # held by requests (a prefix block shared by several counts once)
     kv_mapped_bytes: int = 0
 
 
@@ -233,10 +234,11 @@ class AsyncEngine:
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
-            output = self.engine.abort(command.request_id)
-            if output is not None:
-                self._deliver(output)
-            return
+            self._abort(command.request_id)
+        else:
+            self._add(command)
+
+    def _add(self, command: _Add) -> None:
         if not command.accepted.set_running_or_notify_cancel():
             return  # the caller gave up before the request reached the engine
         try:
@@ -247,6 +249,15 @@ class AsyncEngine:
             command.accepted.set_exception(e)
             return
         command.accepted.set_result(None)
+
+    def _abort(self, request_id: str) -> None:
+        try:
+            output = self.engine.abort(request_id)
+        except Exception:
+            logger.exception("engine %r: abort of %s failed", self.config.name, request_id)
+            return
+        if output is not None:
+            self._deliver(output)
 
     def _step(self) -> None:
         try:
@@ -268,37 +279,39 @@ class AsyncEngine:
             _call_soon(stream, output)
 
     def _fail_all(self, error: EngineError) -> None:
-        """Abort every request the engine holds and raise `error` in every open stream."""
+        """Abort every request the engine holds; their streams raise `error`. Requests
+        still waiting in the command queue are not affected."""
         scheduler = self.engine.scheduler
-        for req in [*scheduler.running, *scheduler.waiting]:
-            try:
-                self.engine.abort(req.request_id)
-            except Exception:
-                logger.exception("engine %r: abort of %s failed", self.config.name, req.request_id)
-        with self._cond:
-            streams, self._streams = self._streams, {}
-        for stream in streams.values():
+        ids = [req.request_id for req in (*scheduler.running, *scheduler.waiting)]
+        with self._cond:  # popped first: the ABORT outputs must not reach the streams
+            streams = [s for i in ids if (s := self._streams.pop(i, None)) is not None]
+        for request_id in ids:
+            self._abort(request_id)
+        for stream in streams:
             _call_soon(stream, error)
 
     def _snapshot(self) -> EngineStats:
         kv_cache, scheduler = self.engine.kv_cache, self.engine.scheduler
-        free = kv_cache.free_blocks + self.engine.kv.num_evictable
-        mapped = kv_cache.mapped_groups * kv_cache.blocks_per_group - 1  # block 0 is padding
+        requests = (*scheduler.running, *scheduler.waiting)
         return EngineStats(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
-            kv_free_blocks=free,
-            kv_used_blocks=mapped - free,
+            kv_free_blocks=kv_cache.free_blocks + self.engine.kv.num_evictable,
+            kv_used_blocks=len({block for req in requests for block in req.block_ids}),
             kv_mapped_bytes=kv_cache.mapped_bytes,
         )
 
     def _shutdown(self) -> None:
-        self._fail_all(EngineClosed(f"engine {self.config.name!r} shut down"))
+        closed = EngineClosed(f"engine {self.config.name!r} shut down")
+        self._fail_all(closed)
         with self._cond:
             commands, self._commands = self._commands, []
+            streams, self._streams = self._streams, {}
         for command in commands:
             if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
-                command.accepted.set_exception(EngineClosed("engine shut down"))
+                command.accepted.set_exception(closed)
+        for stream in streams.values():
+            _call_soon(stream, closed)
         try:
             self.engine.close()
         except Exception:
@@ -307,7 +320,6 @@ class AsyncEngine:
 
 
 def _call_soon(stream: RequestStream, item: RequestOutput | BaseException) -> None:
-    try:
+    # RuntimeError: the stream's event loop is closed, nobody is listening any more.
+    with contextlib.suppress(RuntimeError):
         stream.loop.call_soon_threadsafe(stream.put, item)
-    except RuntimeError:
-        pass  # the stream's event loop is closed: nobody is listening any more

@@ -44,7 +44,14 @@ class LLM:
             per_prompt = [params or SamplingParams()] * len(batch)
         else:
             per_prompt = list(params)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(batch, per_prompt, strict=True)]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(batch, per_prompt, strict=True):
+                ids.append(self.engine.add_request(p, sp))
+        except Exception:
+            for request_id in ids:  # refuse the batch whole: nothing may outlive this call
+                self.engine.abort(request_id)
+            raise
         results: dict[str, CompletionOutput] = {}
         for request_id in ids:
             req = self.engine.request(request_id)

@@ -29,13 +29,14 @@ class StopChecker:
         """Decode one more token; True if a stop string now ends the text."""
         start = max(0, len(self._text) - self._holdback)
         self._text += self._detok.step([token_id])
-        for stop in self._stops:
-            at = self._text.find(stop, max(0, start - len(stop)))
-            if at >= 0:
-                self._text = self._text[: at + len(stop) if self._include else at]
-                self.stopped = True
-                return True
-        return False
+        hits = [(self._text.find(stop, max(0, start - len(stop))), stop) for stop in self._stops]
+        found = [(at, stop) for at, stop in hits if at >= 0]
+        if not found:
+            return False
+        at, stop = min(found)  # the stop string that begins first in the text wins
+        self._text = self._text[: at + len(stop) if self._include else at]
+        self.stopped = True
+        return True
 
     def release(self, finished: bool) -> str:
         """The text that is now safe to hand out."""

@@ -41,14 +41,17 @@ class DefaultReclaimPolicy(ReclaimPolicy):
         others = [t for t in tenants if t is not requester and t.consumer is not None]
         others.sort(key=lambda t: (t.priority, -t.num_owned))
         guaranteed = requester.num_owned < requester.min_pages
+        # What each tenant may still give above its minimum, summed over all levels.
+        room = {t.name: t.num_owned - t.min_pages for t in others}
         steps: list[ReclaimStep] = []
         for level in ReclaimLevel:
             for tenant in others:
                 outranks = tenant.priority > requester.priority
                 if level is ReclaimLevel.PRESSURE and outranks and not guaranteed:
                     continue
-                pages = self._takeable(tenant, level)
+                pages = min(self._takeable(tenant, level), room[tenant.name])
                 if pages > 0:
+                    room[tenant.name] -= pages
                     steps.append(ReclaimStep(tenant, level, pages))
         return steps
 

@@ -1,0 +1,37 @@
+"""`create_app(models, api_key)`: the FastAPI application around a model registry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from prism.server.auth import ApiKeyMiddleware
+from prism.server.errors import install_error_handlers
+from prism.server.metrics import RequestCounter, ServerMetrics
+from prism.server.registry import ModelRegistry
+from prism.server.routes import admin, chat, completions, models
+from prism.server.state import ServerState
+
+
+def create_app(registry: ModelRegistry, api_key: str | None = None) -> FastAPI:
+    """The app serves `registry` and shuts its engines down when it stops. With an
+    `api_key`, every route but /health requires `Authorization: Bearer <api_key>`."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(registry.close)
+
+    app = FastAPI(title="Prism", summary="OpenAI-compatible LLM server", lifespan=lifespan)
+    metrics = ServerMetrics(registry)
+    app.state.prism = ServerState(registry, metrics)
+    install_error_handlers(app)
+    for module in (models, completions, chat, admin):
+        app.include_router(module.router)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    return app

@@ -1,0 +1,134 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with a status.
+
+Routes raise `APIError`; the handlers installed by `install_error_handlers` also give
+FastAPI's validation errors, unknown routes and unexpected exceptions the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from prism.server.protocol import ErrorInfo, ErrorResponse, FieldError
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+        self.headers = dict(headers or {})
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=self.info)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(
+        404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+    )
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def overloaded(message: str, retry_after_s: int = 1) -> APIError:
+    return APIError(
+        429,
+        message,
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def unavailable(message: str, retry_after_s: int = 5) -> APIError:
+    return APIError(
+        503,
+        message,
+        type="server_error",
+        code="service_unavailable",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def server_error(message: str) -> APIError:
+    return APIError(500, message, type="server_error", code="internal_error")
+
+
+def from_value_error(error: ValueError, params: Mapping[str, str] | None = None) -> APIError:
+    """A 400 from our `"field: message"` ValueErrors (SamplingParams, FieldError);
+    `params` renames engine fields to the request's (e.g. logprobs → top_logprobs)."""
+    if isinstance(error, FieldError):
+        return bad_request(str(error), param=error.param)
+    field, sep, _ = str(error).partition(": ")
+    if not sep or " " in field:
+        return bad_request(str(error))
+    param = (params or {}).get(field, field)
+    message = str(error) if param == field else f"{param}{str(error)[len(field) :]}"
+    return bad_request(message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+async def _api_error(_: Request, error: APIError) -> JSONResponse:
+    return error.response()
+
+
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    """400 naming the first offending field, e.g. `messages.0.role: Input should be ...`."""
+    first: Mapping[str, Any] = error.errors()[0] if error.errors() else {}
+    message = str(first.get("msg", "invalid request"))
+    if first.get("type") == "json_invalid":
+        return bad_request(f"the request body is not valid JSON: {message}").response()
+    param = _field_path(first.get("loc", ()))
+    return bad_request(f"{param}: {message}" if param else message, param=param).response()
+
+
+def _field_path(loc: Sequence[Any]) -> str | None:
+    """("body", "messages", 0, "role") → "messages.0.role"; pydantic's union branches
+    (like "str" or "list[int]") are dropped."""
+    parts = [str(p) for p in loc[1:] if isinstance(p, int) or "[" not in str(p)]
+    parts = [p for p in parts if p not in ("str", "int", "float", "bool")]
+    return ".".join(parts) or None
+
+
+async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+    body = ErrorResponse(error=ErrorInfo(message=str(error.detail), type=kind))
+    return JSONResponse(body.model_dump(), error.status_code, headers=error.headers)
+
+
+async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
+    logger.exception("unhandled error", exc_info=error)
+    return server_error(f"internal error: {type(error).__name__}").response()

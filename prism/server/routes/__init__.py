@@ -1,0 +1,1 @@
+"""HTTP routes: the OpenAI API (models, completions, chat) and Prism's own (admin, ops)."""
