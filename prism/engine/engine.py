@@ -179,6 +179,15 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def release_memory(self, pages: int) -> int:
+        """Give KV pages back to the pool for another model: cached prefixes first, then
+        running requests are preempted (latest first, by recompute). Returns pages freed."""
+        self.kv.reset_prefix_cache()
+        released = self.kv_cache.trim(0)
+        while released < pages and self.scheduler.preempt_latest() is not None:
+            released += self.kv_cache.trim(0)
+        return released
+
     def request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
 

@@ -106,6 +106,14 @@ class Scheduler:
         self.waiting.appendleft(req)
         batch.preempted.append(req)
 
+    def preempt_latest(self) -> Request | None:
+        """Preempt the most recently arrived running request (memory is wanted elsewhere)."""
+        if not self.running:
+            return None
+        victim = self.running.pop()
+        self._preempt(victim, ScheduledBatch())
+        return victim
+
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request and free its blocks."""
         if req in self.running:

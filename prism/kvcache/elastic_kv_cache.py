@@ -24,7 +24,7 @@ import torch
 from prism.kvcache.block_allocator import BlockAllocator, GroupState
 from prism.memory.elastic_tensor import ElasticTensor
 from prism.memory.page_pool import PagePool
-from prism.memory.tenant import ReclaimLevel
+from prism.memory.tenant import ReclaimLevel, TenantLimitExceeded
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,7 @@ class ElasticKVCache:
             for i in range(config.num_layers)
         ]
         self.allocator = BlockAllocator(num_groups, self.blocks_per_group)
+        self.asleep = False  # every page given back; address ranges (and graphs) kept
         self._lock = threading.Lock()
         # Asked for pages when the pool must take live memory (the engine preempts and
         # frees blocks, then calls trim); returns pages released.
@@ -122,6 +123,8 @@ class ElasticKVCache:
 
     def allocate(self, count: int, *, reclaim: bool = True) -> list[int] | None:
         """`count` blocks, growing the cache if needed; None if memory cannot be had."""
+        if self.asleep:
+            raise RuntimeError(f"KV cache {self.config.name!r} is asleep: wake it first")
         with self._lock:
             blocks = self.allocator.allocate(count)
         while blocks is None:
@@ -162,7 +165,10 @@ class ElasticKVCache:
             with self._lock:
                 self.allocator.abandon(targets)
             return False
-        pages = self.pool.acquire(self.config.name, count, reclaim=reclaim)
+        try:
+            pages = self.pool.acquire(self.config.name, count, reclaim=reclaim)
+        except TenantLimitExceeded:  # the limit fell, or another grower took it, since the check
+            pages = None
         if pages is None:
             with self._lock:
                 self.allocator.abandon(targets)
@@ -195,9 +201,47 @@ class ElasticKVCache:
         self.pool.release(self.config.name, pages, reclaimed=reclaimed)
         return len(pages)
 
+    # ---- sleep and wake ------------------------------------------------------------------
+
+    def sleep(self) -> int:
+        """Give every page back, padding group included; returns pages released.
+
+        Only the padding block may be allocated: the engine must hold no blocks. The
+        address ranges stay reserved, so graphs captured over the cache stay valid.
+        """
+        with self._lock:
+            if self.asleep:
+                return 0
+            in_use = self.allocator.mapped_groups * self.blocks_per_group - self.free_blocks
+            if in_use > 1:
+                raise RuntimeError(
+                    f"KV cache {self.config.name!r} still holds {in_use - 1} blocks; "
+                    "finish or preempt its requests before it sleeps"
+                )
+            pages: list[int] = []
+            for tensor in self._tensors:
+                pages += tensor.unmap_all()
+            self.allocator = BlockAllocator(self.allocator.num_groups, self.blocks_per_group)
+            self.asleep = True
+        self.pool.release(self.config.name, pages)
+        return len(pages)
+
+    def wake(self, *, reclaim: bool = True) -> bool:
+        """Map the padding group again; False if the pool cannot give it."""
+        if not self.asleep:
+            return True
+        if not self._grow(1, reclaim=reclaim):
+            return False
+        with self._lock:
+            self.allocator.reserve_padding()
+            self.asleep = False
+        return True
+
     # ---- PoolConsumer --------------------------------------------------------------
 
     def reclaimable(self, level: ReclaimLevel) -> int:
+        if self.asleep:
+            return 0
         empty = self.allocator.empty_groups
         reserve = self.config.reserve_groups
         if level is ReclaimLevel.RESERVE:
@@ -208,7 +252,7 @@ class ElasticKVCache:
 
     def shrink(self, pages: int, level: ReclaimLevel) -> int:
         if level is ReclaimLevel.PRESSURE:
-            return self.on_pressure(pages) if self.on_pressure else 0
+            return self.on_pressure(pages) if self.on_pressure and not self.asleep else 0
         with self._lock:
             groups = -(-pages // self.group_pages)
             groups = min(groups, self.reclaimable(level) // self.group_pages)
@@ -217,6 +261,8 @@ class ElasticKVCache:
     def refill_reserve(self) -> None:
         """Map empty groups up to the warm reserve, from free pool pages only."""
         with self._lock:
+            if self.asleep:
+                return
             missing = self.config.reserve_groups - self.allocator.empty_groups
         groups = min(missing, self.pool.available(self.config.name) // self.group_pages)
         if groups > 0:

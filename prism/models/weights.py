@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 
+from prism.memory.weight_arena import WeightSpec  # one tensor the model needs
 from prism.models.config import ModelConfig
 
 # Buffers some checkpoints carry that the model recomputes itself.
@@ -16,19 +15,6 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 class WeightLoadError(ValueError):
     """A checkpoint does not match the tensors the model expects."""
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """One tensor the model needs: HF name, shape, dtype."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def weight_specs(config: ModelConfig, dtype: torch.dtype) -> list[WeightSpec]:

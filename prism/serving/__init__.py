@@ -1,0 +1,1 @@
+"""Multi-model co-serving: device worker, local scheduling, placement, controller."""

@@ -1,0 +1,312 @@
+"""`DeviceWorker`: every model placed on one device, over one shared page pool.
+
+The worker's loop steps each active model that has work, one step each in turn, so one
+model's long prefill (chunked by its engine) never starves another's decodes. Memory
+flows through the pool: a model's KV cache grows into free pages; when the pool is dry
+it takes back, in order, warm reserves and empty groups of other caches, then — through
+the PRESSURE hooks installed here — sleeps idle models (longest idle first), and
+finally preempts requests of models of no higher priority. A request never meets a
+CUDA out-of-memory: a model that cannot be woken keeps its requests waiting.
+
+Modes, for comparisons: `prism` (all of the above), `static` (a fixed KV share per
+model, every model resident, never sleeps), `swap` (one model resident at a time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from prism.engine.output import RequestOutput
+from prism.engine.sampling_params import SamplingParams
+from prism.memory import PagePool, make_vmm
+from prism.serving.model_slot import ModelSlot, ModelSpec, ModelState
+
+
+class WorkerMode(Enum):
+    PRISM = "prism"
+    STATIC = "static"
+    SWAP = "swap"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    device: str = "cpu"
+    budget_bytes: int = 1 << 30  # device memory the pool may hold (weights + KV)
+    mode: WorkerMode = WorkerMode.PRISM
+    host_page_size: int = 64 << 10  # HostVMM page size on the CPU; CUDA uses 2 MiB
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A request for a model that is not awake yet."""
+
+    model: str
+    prompt: str | list[int]
+    params: SamplingParams
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    name: str
+    state: str
+    weight_bytes: int
+    weights_mapped_bytes: int
+    kv_mapped_bytes: int
+    running: int
+    waiting: int
+    wakes: int
+    sleeps: int
+    last_wake_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    device: str
+    mode: str
+    budget_bytes: int
+    free_bytes: int
+    models: tuple[ModelStats, ...] = field(default_factory=tuple)
+
+
+class DeviceWorker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        page = config.host_page_size if config.device == "cpu" else None
+        self.pool = PagePool(make_vmm(config.device, page), config.budget_bytes)
+        self.models: dict[str, ModelSlot] = {}
+        self._pending: deque[_Pending] = deque()
+        self._owner: dict[str, str] = {}  # request id -> model name
+        self._turn = 0
+        # Priority of the model on whose behalf memory is being taken right now (the
+        # worker is single-threaded): busy models are preempted only for higher priority.
+        self._acting_priority = 0
+        self._protected: set[str] = set()  # woken this step: not to be slept before it runs
+
+    # ---- models ------------------------------------------------------------------------
+
+    def add_model(self, spec: ModelSpec) -> ModelSlot:
+        """Load a model's weights into host memory (state CACHED); `static` mode wakes it."""
+        if spec.name in self.models:
+            raise ValueError(f"model {spec.name!r} is already on this worker")
+        if self.config.mode is WorkerMode.STATIC and spec.max_kv_bytes is None:
+            raise ValueError(f"static mode: model {spec.name!r} needs max_kv_bytes (its share)")
+        slot = ModelSlot(spec, self.config.device, self.pool)
+        self.models[spec.name] = slot
+        if self.config.mode is WorkerMode.STATIC and not self.wake(spec.name):
+            self.remove_model(spec.name)
+            raise MemoryError(f"model {spec.name!r} does not fit its static share")
+        return slot
+
+    def remove_model(self, name: str) -> None:
+        slot = self._slot(name)
+        if not slot.idle:
+            raise RuntimeError(f"model {name!r} has requests in flight")
+        slot.close()
+        del self.models[name]
+
+    def wake(self, name: str) -> bool:
+        """Make `name` resident; False if memory cannot be had now (nothing changes)."""
+        slot = self._slot(name)
+        if slot.state is ModelState.ACTIVE:
+            return True
+        if self.config.mode is WorkerMode.SWAP:
+            for other in self.models.values():
+                if other is not slot and other.state is ModelState.ACTIVE:
+                    if other.holds_kv or other.spec.name in self._protected:
+                        return False  # the resident model finishes first
+                    other.sleep()
+        self._acting_priority = slot.spec.priority
+        if not slot.wake():
+            return False
+        self._protected.add(name)
+        self._install_pressure_hooks(slot)
+        return True
+
+    def sleep(self, name: str) -> int:
+        """Put an idle model to sleep; returns bytes given back to the pool."""
+        slot = self._slot(name)
+        if self.config.mode is WorkerMode.STATIC:
+            raise RuntimeError("static mode never sleeps models")
+        return slot.sleep() * self.pool.page_size
+
+    def set_kv_limit(self, name: str, kv_bytes: int) -> int:
+        """Cap a model's KV cache; returns bytes it still holds beyond the cap."""
+        slot = self._slot(name)
+        if slot.engine is None:
+            raise RuntimeError(f"model {name!r} has not been woken yet")
+        tenant = slot.engine.kv_cache.config.name
+        return self.pool.set_limit(tenant, kv_bytes // self.pool.page_size) * self.pool.page_size
+
+    def _slot(self, name: str) -> ModelSlot:
+        slot = self.models.get(name)
+        if slot is None:
+            raise KeyError(f"unknown model {name!r}; on this worker: {sorted(self.models)}")
+        return slot
+
+    # ---- pressure: how a dry pool takes live memory -----------------------------------
+
+    def _install_pressure_hooks(self, slot: ModelSlot) -> None:
+        if self.config.mode is not WorkerMode.PRISM:
+            return
+        assert slot.engine is not None and slot.arena is not None
+        name = slot.spec.name
+        slot.arena.on_pressure = lambda pages: self._sleep_for_pressure(name)
+        slot.engine.kv_cache.on_pressure = lambda pages: self._relieve(name, pages)
+
+    def _can_sleep(self, slot: ModelSlot) -> bool:
+        """Active, nothing running, and not just woken (else two models could wake and
+        sleep each other forever without either running a step)."""
+        return (
+            slot.state is ModelState.ACTIVE
+            and not slot.holds_kv
+            and slot.spec.name not in self._protected
+        )
+
+    def _sleep_for_pressure(self, name: str) -> int:
+        """Asked for a model's weights: a model with nothing running gives them by sleeping."""
+        slot = self.models[name]
+        return slot.sleep() if self._can_sleep(slot) else 0
+
+    def _relieve(self, name: str, pages: int) -> int:
+        """Asked for a model's live KV: an idle model sleeps; a busy one preempts requests,
+        but only for a model of higher priority — equals preempting each other would
+        recompute forever."""
+        slot = self.models[name]
+        if slot.state is not ModelState.ACTIVE or slot.engine is None:
+            return 0
+        if self._can_sleep(slot):
+            return slot.sleep()
+        if slot.spec.priority >= self._acting_priority or not slot.holds_kv:
+            return 0
+        return slot.engine.release_memory(pages)
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def submit(
+        self,
+        model: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; a sleeping model is woken by it (when memory allows)."""
+        slot = self._slot(model)
+        params = params or SamplingParams()
+        request_id = request_id or f"{model}-{time.monotonic_ns()}"
+        if request_id in self._owner:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        slot.last_used = time.monotonic()
+        if slot.state is ModelState.ACTIVE or self.wake(model):
+            assert slot.engine is not None
+            slot.engine.add_request(prompt, params, request_id)
+        else:
+            self._pending.append(_Pending(model, prompt, params, request_id))
+        self._owner[request_id] = model
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        model = self._owner.pop(request_id, None)
+        if model is None:
+            return None
+        for pending in list(self._pending):
+            if pending.request_id == request_id:
+                self._pending.remove(pending)
+                return None
+        engine = self.models[model].engine
+        return engine.abort(request_id) if engine is not None else None
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or any(not s.idle for s in self.models.values())
+
+    def step(self) -> list[tuple[str, RequestOutput]]:
+        """Admit what can be woken, then one engine step for each active model with work."""
+        self._protected.clear()
+        self._wake_sleepers_with_work()
+        self._admit_pending()
+        outputs: list[tuple[str, RequestOutput]] = []
+        names = [n for n, s in self.models.items() if s.state is ModelState.ACTIVE and not s.idle]
+        if names:  # rotate the order so no model always goes first
+            self._turn = (self._turn + 1) % len(names)
+            names = names[self._turn :] + names[: self._turn]
+        for name in names:
+            slot = self.models[name]
+            if slot.state is not ModelState.ACTIVE:
+                continue  # slept for an earlier model of this round (it had nothing running)
+            assert slot.engine is not None
+            self._acting_priority = slot.spec.priority
+            self._protected.add(name)  # its own weights are not to be taken mid-step
+            for out in slot.engine.step():
+                if out.finished:
+                    self._owner.pop(out.request_id, None)
+                outputs.append((name, out))
+            slot.last_used = time.monotonic()
+        self.pool.refill_reserves()  # while the GPU would be busy: keep reserves mapped
+        return outputs
+
+    def _wake_sleepers_with_work(self) -> None:
+        """Models put to sleep with requests still queued in their engines."""
+        for name, slot in self.models.items():
+            if slot.state is ModelState.ASLEEP and not slot.idle:
+                self.wake(name)
+
+    def _admit_pending(self) -> None:
+        for pending in list(self._pending):
+            slot = self.models[pending.model]
+            if slot.state is ModelState.ACTIVE or self.wake(pending.model):
+                assert slot.engine is not None
+                slot.engine.add_request(pending.prompt, pending.params, pending.request_id)
+                self._pending.remove(pending)
+
+    def run_until_idle(self, max_steps: int = 100_000) -> list[tuple[str, RequestOutput]]:
+        outputs: list[tuple[str, RequestOutput]] = []
+        for _ in range(max_steps):
+            if not self.has_work():
+                return outputs
+            outputs += self.step()
+        raise RuntimeError(f"worker still busy after {max_steps} steps")
+
+    # ---- introspection -----------------------------------------------------------------
+
+    def stats(self) -> WorkerStats:
+        models = []
+        for name, slot in self.models.items():
+            engine = slot.engine
+            models.append(
+                ModelStats(
+                    name=name,
+                    state=slot.state.value,
+                    weight_bytes=slot.weight_bytes,
+                    weights_mapped_bytes=(
+                        slot.arena.account.num_owned * self.pool.page_size if slot.arena else 0
+                    ),
+                    kv_mapped_bytes=engine.kv_cache.mapped_bytes if engine else 0,
+                    running=len(engine.scheduler.running) if engine else 0,
+                    waiting=len(engine.scheduler.waiting) if engine else 0,
+                    wakes=slot.wakes,
+                    sleeps=slot.sleeps,
+                    last_wake_s=slot.last_wake_s,
+                )
+            )
+        pool = self.pool.stats()
+        free = (pool.budget_pages - pool.owned_pages) * pool.page_size
+        return WorkerStats(
+            self.config.device, self.config.mode.value, self.config.budget_bytes, free,
+            tuple(models),
+        )  # fmt: skip
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+        for slot in self.models.values():
+            if slot.engine is not None:
+                slot.engine.kv.check_integrity()
+                slot.engine.kv_cache.check_integrity()
+
+    def close(self) -> None:
+        for name in list(self.models):
+            slot = self.models.pop(name)
+            slot.close()
+        self.pool.close()

@@ -1,0 +1,147 @@
+"""DeviceWorker on the CPU: several tiny models over one real (HostVMM) page pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from prism.engine import EngineConfig, SamplingParams
+from prism.models.config import ModelConfig
+from prism.serving.model_slot import ModelSpec
+from prism.serving.worker import DeviceWorker, WorkerConfig, WorkerMode
+
+# 2 layers, 2 KV heads of 32, fp32: 1 KiB of KV per token; weights ≈ 0.6 MiB.
+TINY = ModelConfig(
+    architecture="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
+    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5,
+    rope_theta=10000.0, max_position_embeddings=2048,
+)  # fmt: skip
+ENGINE = EngineConfig(max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512)
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    return [(seed * 7919 + i * 31) % 500 + 1 for i in range(length)]
+
+
+def _worker(
+    budget_mib: int, mode: WorkerMode = WorkerMode.PRISM, **spec_kw: object
+) -> DeviceWorker:
+    worker = DeviceWorker(WorkerConfig(budget_bytes=budget_mib << 20, mode=mode))
+    for i, name in enumerate("abc"):
+        worker.add_model(
+            ModelSpec(name, TINY, load_format="dummy", engine=ENGINE, **spec_kw)  # type: ignore[arg-type]
+        )
+        assert worker.models[name].config == TINY and i >= 0
+    return worker
+
+
+def _run(worker: DeviceWorker, jobs: list[tuple[str, list[int]]]) -> dict[str, list[int]]:
+    ids = [worker.submit(model, prompt, GREEDY) for model, prompt in jobs]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    finished: set[str] = set()
+    for _, out in worker.run_until_idle(max_steps=5000):
+        tokens[out.request_id] += out.new_token_ids
+        if out.finished:
+            finished.add(out.request_id)
+    assert finished == set(ids), "a request was lost"
+    return {i: tokens[i] for i in ids}
+
+
+def _kv_pages(worker: DeviceWorker) -> dict[str, int]:
+    return {
+        t.name.split("/")[0]: t.owned_pages
+        for t in worker.pool.stats().tenants
+        if t.name.endswith("/kv")
+    }
+
+
+def test_kv_memory_follows_load_between_models() -> None:
+    """Load on one model grows its KV into the others' memory, and flows back when load moves."""
+    worker = _worker(24)
+    _run(worker, [(m, _prompt(i, 64)) for i, m in enumerate("abc")])  # all three awake
+    base = _kv_pages(worker)
+    _run(worker, [("a", _prompt(i, 900)) for i in range(12)])
+    after_a = _kv_pages(worker)
+    assert after_a["a"] > 4 * base["a"]
+    worker.check_integrity()
+    _run(worker, [("b", _prompt(i, 900)) for i in range(12)])
+    after_b = _kv_pages(worker)
+    assert after_b["b"] > 4 * base["b"]
+    assert after_b["a"] < after_a["a"]  # a's memory went to b
+    stats = worker.pool.stats()
+    assert stats.owned_pages <= stats.budget_pages
+    worker.check_integrity()
+    worker.close()
+
+
+def test_sleep_and_wake_give_identical_outputs() -> None:
+    """A model put to sleep and woken by its next request answers exactly as before."""
+    worker = _worker(24)
+    jobs = [("a", _prompt(1, 100)), ("a", _prompt(2, 37))]
+    before = list(_run(worker, jobs).values())
+    freed = worker.sleep("a")
+    assert freed > 0 and worker.models["a"].state.value == "asleep"
+    assert worker.stats().models[0].weights_mapped_bytes == 0
+    after = list(_run(worker, jobs).values())  # the request wakes it
+    assert after == before
+    assert worker.models["a"].wakes == 2 and worker.models["a"].sleeps == 1
+    worker.check_integrity()
+    worker.close()
+
+
+def test_pool_exhaustion_sleeps_idle_models_and_loses_nothing() -> None:
+    """With room for about two models, a third's request sleeps an idle one; all complete."""
+    worker = _worker(4)
+    results = _run(worker, [(m, _prompt(i, 200)) for i, m in enumerate("abcabc")])
+    assert all(len(t) == GREEDY.max_tokens for t in results.values())
+    sleeps = sum(slot.sleeps for slot in worker.models.values())
+    assert sleeps > 0, "the pool never had to sleep anyone"
+    # Interleaved load on all three keeps completing.
+    results = _run(worker, [(m, _prompt(i, 300)) for i, m in enumerate("cbacba")])
+    assert all(len(t) == GREEDY.max_tokens for t in results.values())
+    worker.check_integrity()
+    worker.close()
+
+
+def test_busy_model_gives_memory_by_preemption_and_recovers() -> None:
+    """When one model's load fills the pool, another model's request still gets served."""
+    worker = _worker(8)
+    jobs = [("a", _prompt(i, 900)) for i in range(6)] + [("b", _prompt(99, 300))]
+    results = _run(worker, jobs)
+    assert all(len(t) == GREEDY.max_tokens for t in results.values())
+    worker.check_integrity()
+    worker.close()
+
+
+def test_swap_mode_keeps_one_model_resident() -> None:
+    """`swap` wakes one model at a time and sleeps the others."""
+    worker = _worker(24, mode=WorkerMode.SWAP)
+    _run(worker, [("a", _prompt(1, 50))])
+    _run(worker, [("b", _prompt(2, 50))])
+    states = {m.name: m.state for m in worker.stats().models}
+    assert states["b"] == "active" and states["a"] == "asleep"
+    worker.check_integrity()
+    worker.close()
+
+
+def test_static_mode_needs_shares_and_never_sleeps() -> None:
+    """`static` gives each model a fixed KV share, all resident from the start."""
+    with pytest.raises(ValueError, match="max_kv_bytes"):
+        _worker(24, mode=WorkerMode.STATIC)
+    worker = _worker(24, mode=WorkerMode.STATIC, max_kv_bytes=4 << 20)
+    assert all(m.state == "active" for m in worker.stats().models)
+    _run(worker, [(m, _prompt(i, 300)) for i, m in enumerate("abc")])
+    with pytest.raises(RuntimeError, match="never sleeps"):
+        worker.sleep("a")
+    worker.check_integrity()
+    worker.close()
+
+
+def test_worker_errors_are_clear() -> None:
+    """Unknown models and duplicate names raise errors that say what is wrong."""
+    worker = _worker(24)
+    with pytest.raises(KeyError, match="unknown model 'zzz'"):
+        worker.submit("zzz", [1, 2, 3])
+    with pytest.raises(ValueError, match="already on this worker"):
+        worker.add_model(ModelSpec("a", TINY, load_format="dummy"))
+    worker.close()
