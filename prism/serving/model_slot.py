@@ -20,7 +20,7 @@ from prism.memory import PagePool, WeightArena
 from prism.models.checkpoint import open_checkpoint
 from prism.models.config import ModelConfig
 from prism.models.llama import LlamaModel
-from prism.models.weights import allocate_weights, weight_specs
+from prism.models.weights import init_dummy_weights, weight_specs
 
 
 class ModelState(Enum):
@@ -50,10 +50,19 @@ class ModelSlot:
         self.config: ModelConfig = checkpoint.config
         self.tokenizer = checkpoint.load_tokenizer()
         # The host copy that every wake copies from (pinned, so the copy runs at PCIe speed).
-        self.host = allocate_weights(self.config, self.dtype, "cpu")
-        checkpoint.fill(self.host)
-        if device.startswith("cuda"):
-            self.host = {name: t.pin_memory() for name, t in self.host.items()}
+        pinned = device.startswith("cuda")
+        self.host = {
+            s.name: torch.empty(s.shape, dtype=s.dtype, pin_memory=pinned)
+            for s in weight_specs(self.config, self.dtype)
+        }
+        if checkpoint.format == "dummy" and pinned:
+            # Random weights are made on the GPU (fast) and copied down, a tensor at a time.
+            for i, (name, host) in enumerate(self.host.items()):
+                scratch = torch.empty_like(host, device=device)
+                init_dummy_weights({name: scratch}, seed=i)
+                host.copy_(scratch)
+        else:
+            checkpoint.fill(self.host)
         self.state = ModelState.CACHED
         self.arena: WeightArena | None = None
         self.engine: Engine | None = None
