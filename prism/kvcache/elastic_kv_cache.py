@@ -246,8 +246,8 @@ class ElasticKVCache:
         reserve = self.config.reserve_groups
         if level is ReclaimLevel.RESERVE:
             return min(empty, reserve) * self.group_pages
-        if level is ReclaimLevel.FREE:
-            return max(0, empty - reserve) * self.group_pages
+        if level is ReclaimLevel.FREE:  # by now reserves went first: any empty group goes
+            return empty * self.group_pages
         return self.account.num_owned - self.group_pages if self.on_pressure else 0
 
     def shrink(self, pages: int, level: ReclaimLevel) -> int:

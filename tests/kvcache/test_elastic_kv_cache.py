@@ -304,7 +304,8 @@ def test_reclaim_skips_higher_priority_live_memory(vmm: HostVMM) -> None:
 
 
 def test_reclaimable_by_level(vmm: HostVMM) -> None:
-    """Empty groups up to the reserve are RESERVE, beyond it FREE; live pages need a hook."""
+    """Empty groups up to the reserve are RESERVE; FREE (asked after RESERVE) takes any empty
+    group; live pages need a hook."""
     gp = _group_pages(4)
     pool = _pool(vmm, 32)
     cache = ElasticKVCache(_config("m", reserve_groups=2), pool)
@@ -313,13 +314,13 @@ def test_reclaimable_by_level(vmm: HostVMM) -> None:
     cache.free(_in_groups(blocks, cache.blocks_per_group, range(1, 4)))  # 3 empty again
     assert cache.allocator.empty_groups == 3
     assert cache.reclaimable(ReclaimLevel.RESERVE) == 2 * gp
-    assert cache.reclaimable(ReclaimLevel.FREE) == gp
+    assert cache.reclaimable(ReclaimLevel.FREE) == 3 * gp
     assert cache.reclaimable(ReclaimLevel.PRESSURE) == 0
     cache.on_pressure = lambda pages: 0
     assert cache.reclaimable(ReclaimLevel.PRESSURE) == 4 * gp
     assert cache.shrink(1, ReclaimLevel.FREE) == gp  # whole groups, rounded up
     assert cache.shrink(3 * gp, ReclaimLevel.RESERVE) == 2 * gp
-    assert cache.shrink(gp, ReclaimLevel.FREE) == 0
+    assert cache.shrink(gp, ReclaimLevel.FREE) == 0  # nothing empty is left
     _check_all(pool, cache)
 
 
@@ -338,15 +339,10 @@ def test_set_limit_shrinks_a_cache(vmm: HostVMM) -> None:
     _check_all(pool, cache)
 
 
-# Known bug, left for a design decision: reclaimable(RESERVE) = min(empty, reserve) and
-# reclaimable(FREE) = empty - reserve are recomputed after every shrink, so once the pool
-# has taken the reserve at RESERVE, the empty groups left over count as "reserve" again
-# and a FREE shrink will not give them. One pass RESERVE → FREE (set_limit, policy
-# reclaim) therefore falls short by up to reserve_groups groups.
-_RESERVE_RELABEL = "ElasticKVCache re-labels free groups as reserve after a RESERVE shrink"
+# Regression guard: one pass RESERVE → FREE (set_limit, policy reclaim) must reach every
+# empty group, even though the warm reserve is recomputed after each shrink.
 
 
-@pytest.mark.xfail(strict=True, reason=_RESERVE_RELABEL)
 def test_set_limit_to_its_minimum_empties_an_idle_cache(vmm: HostVMM) -> None:
     """An idle cache limited to its minimum gives back every empty group."""
     pool = _pool(vmm, 64)
@@ -358,7 +354,6 @@ def test_set_limit_to_its_minimum_empties_an_idle_cache(vmm: HostVMM) -> None:
     _check_all(pool, cache)
 
 
-@pytest.mark.xfail(strict=True, reason=_RESERVE_RELABEL)
 def test_reclaim_takes_every_empty_group_in_one_pass(vmm: HostVMM) -> None:
     """A tenant short of 3 groups gets them from another cache holding 3 empty groups."""
     pool = _pool(vmm, 8 * _group_pages(4))
@@ -630,9 +625,8 @@ class CacheMachine(RuleBasedStateMachine):
         empty = cache.allocator.empty_groups
         in_use = cache.mapped_groups - empty
         budget_groups = self.pool.budget_pages // cache.group_pages
-        # At least what live blocks hold (below that is the owner's to enforce), plus room
-        # for the warm reserve (see _RESERVE_RELABEL).
-        floor = in_use + min(empty, cache.config.reserve_groups)
+        # At least what live blocks hold (below that is the owner's to enforce).
+        floor = in_use
         groups = data.draw(st.integers(max(1, floor), max(floor, budget_groups)))
         limit = groups * cache.group_pages + data.draw(st.integers(0, cache.group_pages - 1))
         assert self.pool.set_limit(cache.config.name, limit) == 0
