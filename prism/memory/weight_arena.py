@@ -59,6 +59,12 @@ class WeightArena:
             )
             for spec, off in zip(specs, offsets, strict=True)
         }
+        # (first page past the tensor's end, name) in layout order: a tensor may be
+        # written once every page up to that one is mapped
+        self._ends = [
+            (-(-(off + spec.nbytes) // self._range.page_size), spec.name)
+            for spec, off in zip(specs, offsets, strict=True)
+        ]
         self._lock = threading.Lock()
         # Called when the pool must take this arena's live pages (the worker sleeps the
         # model, then calls `evict`); returns pages released.
@@ -71,15 +77,28 @@ class WeightArena:
     def resident(self) -> bool:
         return self._range.mapped_pages == self.num_pages
 
-    def materialize(self) -> bool:
-        """Map every page (contents undefined until written); False if no memory."""
+    def materialize(
+        self, fill: Callable[[str, torch.Tensor], None] | None = None, chunk_pages: int = 256
+    ) -> bool:
+        """Map every page; False if no memory. With `fill`, each tensor is handed to
+        `fill(name, view)` as soon as its pages are mapped, so an asynchronous copy into
+        it overlaps the mapping of the pages after it."""
         with self._lock:
             if self.resident:
                 return True
             pages = self.pool.acquire(self.name, self.num_pages)
             if pages is None:
                 return False
-            self._range.map(0, pages)
+            ready = 0  # tensors handed to fill so far
+            for first in range(0, self.num_pages, chunk_pages):
+                self._range.map(first, pages[first : first + chunk_pages])
+                mapped = min(first + chunk_pages, self.num_pages)
+                while fill is not None and ready < len(self._ends):
+                    end, name = self._ends[ready]
+                    if end > mapped:
+                        break
+                    fill(name, self.views[name])
+                    ready += 1
             return True
 
     def evict(self) -> int:

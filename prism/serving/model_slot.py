@@ -98,13 +98,16 @@ class ModelSlot:
                 self.pool,
                 priority=self.spec.priority,
             )
-        if not self.arena.materialize():
-            return False
         if self.engine is not None and not self.engine.kv_cache.wake():
-            self.arena.evict()
             return False
-        for name, host in self.host.items():
-            self.arena.views[name].copy_(host, non_blocking=True)
+
+        def copy_in(name: str, view: torch.Tensor) -> None:  # DMA overlaps further mapping
+            view.copy_(self.host[name], non_blocking=True)
+
+        if not self.arena.materialize(copy_in):
+            if self.engine is not None:
+                self.engine.kv_cache.sleep()
+            return False
         if self.device.startswith("cuda"):
             torch.cuda.current_stream().synchronize()
         if self.engine is None:
