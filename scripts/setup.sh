@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
-extras="dev"
+extras="dev,sim"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  extras="dev,gpu"
+  extras="dev,sim,gpu"
   .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch>=2.11,<2.15"
 else
   .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"

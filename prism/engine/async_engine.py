@@ -20,6 +20,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from prism.engine.engine import Engine, EngineConfig
 from prism.engine.output import RequestOutput
@@ -64,14 +65,21 @@ class _Abort:
     request_id: str
 
 
+class StreamOwner(Protocol):
+    """What feeds a `RequestStream` (an `AsyncEngine`, or a model of an `AsyncWorker`)."""
+
+    def _release(self, request_id: str) -> None:
+        """The stream was closed: abort its request unless it has finished."""
+
+
 class RequestStream:
     """The outputs of one request, in order. Closing it before the end aborts the request."""
 
-    def __init__(self, request_id: str, engine: AsyncEngine) -> None:
+    def __init__(self, request_id: str, owner: StreamOwner) -> None:
         self.request_id = request_id
         self.loop = asyncio.get_running_loop()
         self.finished = False
-        self._engine = engine
+        self._owner = owner
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._closed = False
 
@@ -100,7 +108,7 @@ class RequestStream:
         """Stop listening; aborts the request if it has not finished. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._engine._release(self.request_id)
+            self._owner._release(self.request_id)
 
 
 class AsyncEngine:
@@ -276,7 +284,7 @@ class AsyncEngine:
             else:
                 stream = self._streams.get(output.request_id)
         if stream is not None:
-            _call_soon(stream, output)
+            put_soon(stream, output)
 
     def _fail_all(self, error: EngineError) -> None:
         """Abort every request the engine holds; their streams raise `error`. Requests
@@ -288,18 +296,10 @@ class AsyncEngine:
         for request_id in ids:
             self._abort(request_id)
         for stream in streams:
-            _call_soon(stream, error)
+            put_soon(stream, error)
 
     def _snapshot(self) -> EngineStats:
-        kv_cache, scheduler = self.engine.kv_cache, self.engine.scheduler
-        requests = (*scheduler.running, *scheduler.waiting)
-        return EngineStats(
-            num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
-            kv_free_blocks=kv_cache.free_blocks + self.engine.kv.num_evictable,
-            kv_used_blocks=len({block for req in requests for block in req.block_ids}),
-            kv_mapped_bytes=kv_cache.mapped_bytes,
-        )
+        return engine_stats(self.engine)
 
     def _shutdown(self) -> None:
         closed = EngineClosed(f"engine {self.config.name!r} shut down")
@@ -311,7 +311,7 @@ class AsyncEngine:
             if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
                 command.accepted.set_exception(closed)
         for stream in streams.values():
-            _call_soon(stream, closed)
+            put_soon(stream, closed)
         try:
             self.engine.close()
         except Exception:
@@ -319,7 +319,21 @@ class AsyncEngine:
         self._stats = EngineStats()
 
 
-def _call_soon(stream: RequestStream, item: RequestOutput | BaseException) -> None:
+def engine_stats(engine: Engine) -> EngineStats:
+    """Read on the thread that drives `engine`."""
+    kv_cache, scheduler = engine.kv_cache, engine.scheduler
+    requests = (*scheduler.running, *scheduler.waiting)
+    return EngineStats(
+        num_running=len(scheduler.running),
+        num_waiting=len(scheduler.waiting),
+        kv_free_blocks=kv_cache.free_blocks + engine.kv.num_evictable,
+        kv_used_blocks=len({block for req in requests for block in req.block_ids}),
+        kv_mapped_bytes=kv_cache.mapped_bytes,
+    )
+
+
+def put_soon(stream: RequestStream, item: RequestOutput | BaseException) -> None:
+    """From any thread: hand `item` to `stream` on its event loop."""
     # RuntimeError: the stream's event loop is closed, nobody is listening any more.
     with contextlib.suppress(RuntimeError):
         stream.loop.call_soon_threadsafe(stream.put, item)

@@ -53,6 +53,11 @@ def model_not_found(name: str) -> APIError:
     )
 
 
+def conflict(message: str, code: str = "conflict") -> APIError:
+    """The resource's current state rules the operation out (a model busy, not woken)."""
+    return APIError(409, message, code=code)
+
+
 def unauthorized(message: str) -> APIError:
     return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics: request counts and latencies as they happen, engine gauges at scrape.
+"""Prometheus metrics: request counts and latencies as they happen; engine, model and
+device-memory gauges read at scrape time from each worker's latest snapshot.
 
 Names follow vLLM's where the meaning is the same (`prism:` instead of `vllm:`). Each
 app has its own `CollectorRegistry`, so several servers can live in one process.
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -115,12 +116,17 @@ class ServerMetrics:
 
 
 class _EngineCollector(Collector):
-    """Gauges read at scrape time from each engine's latest stats snapshot."""
+    """Gauges read at scrape time from each worker's latest stats snapshot."""
 
     def __init__(self, models: ModelRegistry) -> None:
         self.models = models
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._engines()
+        yield from self._models()
+        yield from self._devices()
+
+    def _engines(self) -> Iterator[Metric]:
         label = [MODEL_LABEL]
         running = GaugeMetricFamily("prism:num_requests_running", "Requests running.", labels=label)
         waiting = GaugeMetricFamily("prism:num_requests_waiting", "Requests queued.", labels=label)
@@ -133,9 +139,6 @@ class _EngineCollector(Collector):
         used = GaugeMetricFamily(
             "prism:kv_cache_used_blocks", "KV blocks held by requests.", labels=label
         )
-        state = GaugeMetricFamily(
-            "prism:model_state", "1 for the model's current state.", labels=[MODEL_LABEL, "state"]
-        )
         for model in self.models:
             stats = model.engine.stats
             running.add_metric([model.name], stats.num_running)
@@ -143,9 +146,43 @@ class _EngineCollector(Collector):
             mapped.add_metric([model.name], stats.kv_mapped_bytes)
             free.add_metric([model.name], stats.kv_free_blocks)
             used.add_metric([model.name], stats.kv_used_blocks)
+        yield from (running, waiting, mapped, free, used)
+
+    def _models(self) -> Iterator[Metric]:
+        label = [MODEL_LABEL]
+        state = GaugeMetricFamily(
+            "prism:model_state", "1 for the model's current state.", labels=[MODEL_LABEL, "state"]
+        )
+        wakes = CounterMetricFamily("prism:model_wakes", "Times the model was woken.", labels=label)
+        sleeps = CounterMetricFamily(
+            "prism:model_sleeps", "Times the model was put to sleep.", labels=label
+        )
+        weights = GaugeMetricFamily(
+            "prism:weights_bytes_mapped", "Weight memory mapped on the device.", labels=label
+        )
+        for model in self.models:
+            current = model.state
             for s in ModelState:
-                state.add_metric([model.name, s.value], float(model.state is s))
-        yield from (running, waiting, mapped, free, used, state)
+                state.add_metric([model.name, s.value], float(current is s))
+            stats = model.engine.model_stats
+            wakes.add_metric([model.name], stats.wakes if stats else 0)
+            sleeps.add_metric([model.name], stats.sleeps if stats else 0)
+            weights.add_metric([model.name], stats.weights_mapped_bytes if stats else 0)
+        yield from (state, wakes, sleeps, weights)
+
+    def _devices(self) -> Iterator[Metric]:
+        budget = GaugeMetricFamily(
+            "prism:pool_budget_bytes", "Device memory the page pool may hold.", labels=["device"]
+        )
+        free = GaugeMetricFamily(
+            "prism:pool_free_bytes", "Pool budget no model holds.", labels=["device"]
+        )
+        for worker in self.models.workers:
+            pool = worker.stats().pool
+            budget.add_metric([worker.device], pool.budget_pages * pool.page_size)
+            unheld = pool.budget_pages - pool.owned_pages
+            free.add_metric([worker.device], unheld * pool.page_size)
+        yield from (budget, free)
 
 
 class RequestCounter:

@@ -1,28 +1,36 @@
 """`ModelRegistry`: the models the server answers for, by name.
 
-This is the seam where the multi-model controller plugs in later: routes only ever
-`get(name)` a `ServedModel` and iterate `models()`; whether the engine behind it was
-loaded at startup (as now) or is woken on demand by a controller is the registry's
-business.
+Every model lives on the `AsyncWorker` of its device: one `DeviceWorker` (one page pool)
+per device, hosting all of that device's models, which sleep and wake as memory and
+load demand. Routes only ever `get(name)` a `ServedModel` and iterate `models()`; its
+`engine` (the model's `AsyncModel`) takes requests and wakes the model when it is not
+resident. This is the seam where the multi-device controller plugs in later.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from prism.engine.async_engine import AsyncEngine
-from prism.engine.engine import Engine, EngineConfig
+from prism.engine.engine import EngineConfig
 from prism.models.tokenizer import Tokenizer
+from prism.serving import model_slot
+from prism.serving.async_worker import AsyncModel, AsyncWorker
+from prism.serving.worker import DeviceWorker, WorkerConfig
+
+logger = logging.getLogger(__name__)
 
 
 class ModelState(Enum):
-    ACTIVE = "active"  # loaded, its engine thread serving
-    STOPPED = "stopped"  # its engine is shut down
+    CACHED = "cached"  # weights in host memory, nothing on the device yet
+    ACTIVE = "active"  # resident on the device, serving
+    ASLEEP = "asleep"  # device memory given back; the next request wakes it
+    STOPPED = "stopped"  # its worker is shut down
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,55 +43,74 @@ class ModelSpec:
 class ServedModel:
     name: str
     source: str
-    engine: AsyncEngine
+    engine: AsyncModel  # takes its requests (and wakes it) on its device's worker
     tokenizer: Tokenizer
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def state(self) -> ModelState:
-        return ModelState.ACTIVE if self.engine.is_running else ModelState.STOPPED
+        if not self.engine.is_running:
+            return ModelState.STOPPED
+        return ModelState(self.engine.state.value)
 
     @property
     def max_model_len(self) -> int:
         return self.engine.config.max_model_len
 
+    @property
+    def worker(self) -> AsyncWorker:
+        return self.engine.worker
+
 
 class ModelRegistry:
-    def __init__(self) -> None:
+    def __init__(self, workers: Sequence[AsyncWorker] = ()) -> None:
+        self.workers: list[AsyncWorker] = []
         self._models: dict[str, ServedModel] = {}
+        for worker in workers:
+            self.add_worker(worker)
 
     @classmethod
     def load(
         cls,
         specs: list[ModelSpec],
         *,
-        device: str = "cpu",
-        config: EngineConfig | None = None,
+        worker: WorkerConfig | None = None,
+        engine: EngineConfig | None = None,
+        preload: bool = False,
         max_waiting: int = 256,
+        max_kv_bytes: int | None = None,
     ) -> ModelRegistry:
-        """Load every model (each with its own engine thread and KV pool)."""
-        registry = cls()
-        base = config or EngineConfig()
+        """One worker for `worker.device` with every model of `specs` loaded into host
+        memory (CACHED; their first request wakes them), or woken now with `preload`
+        as far as the budget allows. `max_kv_bytes` caps each model's KV cache (its
+        share, which `static` mode needs)."""
+        device = DeviceWorker(worker or WorkerConfig())
         try:
             for spec in specs:
-                engine_config = dataclasses.replace(base, name=spec.name)
-                engine = Engine.create(spec.source, device=device, config=engine_config)
-                registry.add(spec.name, AsyncEngine(engine, max_waiting=max_waiting), spec.source)
+                _add_model(device, spec, engine or EngineConfig(), max_kv_bytes)
+            if preload:
+                _preload(device)
+            async_worker = AsyncWorker(device, max_waiting=max_waiting)
         except BaseException:
-            registry.close()
+            device.close()
             raise
-        return registry
+        try:
+            return cls([async_worker])
+        except BaseException:
+            async_worker.close()
+            raise
 
-    def add(self, name: str, engine: AsyncEngine, source: str = "") -> ServedModel:
-        if name in self._models:
-            raise ValueError(f"model {name!r} is already registered")
-        tokenizer = engine.engine.tokenizer
-        if tokenizer is None:
-            engine.close()
-            raise ValueError(f"model {name!r} has no tokenizer; the server needs one")
-        model = ServedModel(name, source, engine, tokenizer)
-        self._models[name] = model
-        return model
+    def add_worker(self, worker: AsyncWorker) -> None:
+        """Serve every model of `worker` (each needs a tokenizer and a unique name)."""
+        for name, model in worker.models.items():
+            if name in self._models:
+                raise ValueError(f"model {name!r} is already registered")
+            if model.tokenizer is None:
+                raise ValueError(f"model {name!r} has no tokenizer; the server needs one")
+        for name, model in worker.models.items():
+            assert model.tokenizer is not None
+            self._models[name] = ServedModel(name, _source(model), model, model.tokenizer)
+        self.workers.append(worker)
 
     def get(self, name: str) -> ServedModel | None:
         return self._models.get(name)
@@ -98,8 +125,34 @@ class ModelRegistry:
         return len(self._models)
 
     def close(self) -> None:
-        for model in self._models.values():
-            model.engine.close()
+        for worker in self.workers:
+            worker.close()
+
+
+def _add_model(
+    device: DeviceWorker, spec: ModelSpec, engine: EngineConfig, max_kv_bytes: int | None
+) -> None:
+    config = dataclasses.replace(engine, name=spec.name)
+    slot = device.add_model(
+        model_slot.ModelSpec(spec.name, spec.source, max_kv_bytes=max_kv_bytes, engine=config)
+    )
+    budget = device.config.budget_bytes
+    if slot.weight_bytes > budget:
+        raise ValueError(
+            f"model {spec.name!r} needs {slot.weight_bytes / 2**30:.2f} GiB for its weights; "
+            f"the device budget is {budget / 2**30:.2f} GiB"
+        )
+
+
+def _preload(device: DeviceWorker) -> None:
+    for name in device.models:
+        if not device.wake(name):
+            logger.warning("model %s does not fit beside the others: it wakes on demand", name)
+
+
+def _source(model: AsyncModel) -> str:
+    source = model.source
+    return source if isinstance(source, str) else f"random {source.architecture}"
 
 
 def default_name(source: str | Path) -> str:

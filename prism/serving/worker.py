@@ -39,6 +39,19 @@ class WorkerConfig:
     host_page_size: int = 64 << 10  # HostVMM page size on the CPU; CUDA uses 2 MiB
 
 
+class StepError(RuntimeError):
+    """Engines of some models raised during a step. The step still ran the other models:
+    their outputs are in `outputs`. The failed models' requests are left as they were;
+    the caller decides what becomes of them (aborting them, usually)."""
+
+    def __init__(
+        self, errors: dict[str, Exception], outputs: list[tuple[str, RequestOutput]]
+    ) -> None:
+        super().__init__("; ".join(f"{m}: {type(e).__name__}: {e}" for m, e in errors.items()))
+        self.errors = errors  # model name -> what its engine raised
+        self.outputs = outputs
+
+
 @dataclass(slots=True)
 class _Pending:
     """A request for a model that is not awake yet."""
@@ -223,11 +236,13 @@ class DeviceWorker:
         return bool(self._pending) or any(not s.idle for s in self.models.values())
 
     def step(self) -> list[tuple[str, RequestOutput]]:
-        """Admit what can be woken, then one engine step for each active model with work."""
+        """Admit what can be woken, then one engine step for each active model with work.
+        Raises `StepError` (with the others' outputs) if an engine's step raised."""
         self._protected.clear()
         self._wake_sleepers_with_work()
         self._admit_pending()
         outputs: list[tuple[str, RequestOutput]] = []
+        errors: dict[str, Exception] = {}
         names = [n for n, s in self.models.items() if s.state is ModelState.ACTIVE and not s.idle]
         if names:  # rotate the order so no model always goes first
             self._turn = (self._turn + 1) % len(names)
@@ -239,12 +254,20 @@ class DeviceWorker:
             assert slot.engine is not None
             self._acting_priority = slot.spec.priority
             self._protected.add(name)  # its own weights are not to be taken mid-step
-            for out in slot.engine.step():
+            try:
+                step_outputs = slot.engine.step()
+            except Exception as e:  # the other models' outputs must not be lost with it
+                errors[name] = e
+                continue
+            for out in step_outputs:
                 if out.finished:
                     self._owner.pop(out.request_id, None)
                 outputs.append((name, out))
             slot.last_used = time.monotonic()
         self.pool.refill_reserves()  # while the GPU would be busy: keep reserves mapped
+        self._protected.clear()  # the round is over: between steps, idle models may be slept
+        if errors:
+            raise StepError(errors, outputs)
         return outputs
 
     def _wake_sleepers_with_work(self) -> None:
@@ -285,7 +308,8 @@ class DeviceWorker:
                     ),
                     kv_mapped_bytes=engine.kv_cache.mapped_bytes if engine else 0,
                     running=len(engine.scheduler.running) if engine else 0,
-                    waiting=len(engine.scheduler.waiting) if engine else 0,
+                    waiting=(len(engine.scheduler.waiting) if engine else 0)
+                    + sum(p.model == name for p in self._pending),  # queued for its wake
                     wakes=slot.wakes,
                     sleeps=slot.sleeps,
                     last_wake_s=slot.last_wake_s,

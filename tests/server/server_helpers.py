@@ -23,6 +23,7 @@ from prism.kvcache import ElasticKVCache, KVCacheConfig
 from prism.memory import PagePool, make_vmm
 from prism.models import ModelConfig, load_model
 from prism.server import ModelRegistry
+from prism.serving.async_worker import AsyncModel
 
 API_KEY = "test-key"
 MODEL = "smol"
@@ -39,7 +40,7 @@ class LiveServer:
     def api_url(self) -> str:
         return f"{self.base_url}/v1"
 
-    def engine(self, name: str = MODEL) -> AsyncEngine:
+    def engine(self, name: str = MODEL) -> AsyncModel:
         model = self.registry.get(name)
         assert model is not None
         return model.engine
@@ -71,7 +72,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def idle(engine: AsyncEngine) -> bool:
+def idle(engine: AsyncEngine | AsyncModel) -> bool:
     """No request in flight, running or waiting, and no KV block held by a request."""
     stats = engine.stats
     return (
@@ -82,12 +83,14 @@ def idle(engine: AsyncEngine) -> bool:
     )
 
 
-def kv_cache_all_free(engine: AsyncEngine) -> bool:
+def kv_cache_all_free(model: AsyncEngine | AsyncModel) -> bool:
     """The cache's own count: every mapped block but padding block 0 is free or an
     evictable prefix-cache block. Read from the test thread, so only once idle."""
-    kv_cache = engine.engine.kv_cache
+    engine = model.engine
+    assert engine is not None, "the model was never woken"
+    kv_cache = engine.kv_cache
     mapped = kv_cache.mapped_groups * kv_cache.blocks_per_group
-    return kv_cache.free_blocks + engine.engine.kv.num_evictable == mapped - 1
+    return kv_cache.free_blocks + engine.kv.num_evictable == mapped - 1
 
 
 TINY = ModelConfig(

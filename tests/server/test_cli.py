@@ -1,10 +1,16 @@
-"""`prism serve` argument handling (the server itself is covered by the other tests)."""
+"""`prism serve` and `prism ctl` argument handling (the server and `ctl` against it are
+covered by the other tests)."""
 
 from __future__ import annotations
 
-from prism.cli import build_parser, model_specs, parse_model_spec
+import argparse
+
+import pytest
+
+from prism.cli import build_parser, model_specs, parse_model_spec, parse_size, worker_config
 from prism.models import default_model_path
 from prism.server import ModelSpec
+from prism.serving.worker import WorkerConfig, WorkerMode
 
 
 def test_serve_defaults_to_the_embedded_model_on_localhost() -> None:
@@ -31,3 +37,45 @@ def test_model_specs_with_and_without_names() -> None:
 def test_balloon_is_still_there() -> None:
     args = build_parser({}).parse_args(["balloon", "--budget-mib", "64"])
     assert args.budget_mib == 64
+
+
+def test_serve_builds_one_worker_for_the_device() -> None:
+    args = build_parser({}).parse_args(["serve"])
+    assert (args.mode, args.preload, args.max_kv) == ("prism", False, None)
+    assert worker_config(args) == WorkerConfig("cpu", 4 << 30, WorkerMode.PRISM)
+    argv = ["serve", "--budget", "2GiB", "--mode", "swap", "--preload", "--device", "cpu"]
+    args = build_parser({}).parse_args(argv)
+    assert args.preload and worker_config(args) == WorkerConfig("cpu", 2 << 30, WorkerMode.SWAP)
+
+
+def test_static_mode_needs_a_kv_share() -> None:
+    args = build_parser({}).parse_args(["serve", "--mode", "static"])
+    with pytest.raises(SystemExit, match="--max-kv"):
+        worker_config(args)
+    args = build_parser({}).parse_args(["serve", "--mode", "static", "--max-kv", "256MiB"])
+    assert args.max_kv == 256 << 20 and worker_config(args).mode is WorkerMode.STATIC
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5G", 3 << 29), ("2GB", 2 * 10**9),
+     ("64 kib", 64 << 10), ("1000", 1000)],
+)  # fmt: skip
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "2XB", "-1GiB", "1e9"])
+def test_bad_sizes_say_what_is_expected(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+        parse_size(text)
+
+
+def test_ctl_options_go_before_or_after_the_action() -> None:
+    env = {"PRISM_API_KEY": "from-env"}
+    args = build_parser(env).parse_args(["ctl", "list"])
+    assert (args.action, args.url, args.api_key) == ("list", "http://127.0.0.1:8000", "from-env")
+    args = build_parser(env).parse_args(["ctl", "--url", "http://h:1", "limit", "m", "64MiB"])
+    assert (args.url, args.name, args.kv_bytes) == ("http://h:1", "m", 64 << 20)
+    args = build_parser(env).parse_args(["ctl", "sleep", "m", "--api-key", "k", "--url", "u"])
+    assert (args.action, args.name, args.api_key, args.url) == ("sleep", "m", "k", "u")

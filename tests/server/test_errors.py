@@ -130,7 +130,9 @@ def test_overload_is_429_with_retry_after(server: LiveServer) -> None:
 def test_engine_failure_is_500_and_the_engine_recovers(
     client: openai.OpenAI, server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = server.engine(MODEL_B).engine.runner
+    engine = server.engine(MODEL_B).engine
+    assert engine is not None
+    runner = engine.runner
 
     def fail(batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         raise RuntimeError("simulated device error")

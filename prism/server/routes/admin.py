@@ -1,60 +1,137 @@
-"""Prism's own routes: `/admin/models` (memory per model), `/health`, `/metrics`."""
+"""Prism's own routes: the admin API (`/admin/models`, wake, sleep, KV limits,
+`/admin/memory`), `/health` and `/metrics`."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from prism.engine.async_engine import EngineClosed
+from prism.server import errors
 from prism.server.metrics import CONTENT_TYPE
-from prism.server.registry import ModelState
+from prism.server.protocol import ErrorResponse
+from prism.server.registry import ServedModel
 from prism.server.state import server_state
+from prism.serving.async_worker import AsyncWorker, ModelConflict
 
 router = APIRouter()
+
+T = TypeVar("T")
+
+
+def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    reasons = {
+        400: "A bad value",
+        404: "No model of that name",
+        409: "The model's state rules it out now (requests in flight, no memory, ...)",
+        503: "The model's worker is shut down",
+    }
+    return {s: {"model": ErrorResponse, "description": reasons[s]} for s in statuses}
 
 
 class AdminModel(BaseModel):
     name: str
     source: str
-    state: str
+    device: str
+    state: str  # cached | active | asleep | stopped
     max_model_len: int
     num_running: int
-    num_waiting: int
+    num_waiting: int  # queued in its engine, or for its wake
+    weight_bytes: int  # what its weights take when resident
+    weights_bytes_mapped: int
     kv_bytes_mapped: int
+    kv_bytes_limit: int | None  # the cap on its KV cache; None before its first wake
     kv_blocks_free: int  # mapped blocks no request holds
     kv_blocks_used: int
+    wakes: int
+    sleeps: int
+    last_wake_ms: float
 
 
 class AdminModels(BaseModel):
     models: list[AdminModel]
 
 
+class KVLimit(BaseModel):
+    kv_bytes: int = Field(ge=0, description="the most KV-cache memory the model may map")
+
+
+class AdminTenant(BaseModel):
+    name: str  # <model>/weights or <model>/kv
+    model: str
+    kind: str  # weights | kv
+    pages: int
+    bytes: int
+    limit_bytes: int
+
+
+class AdminDevice(BaseModel):
+    device: str
+    mode: str  # prism | static | swap
+    page_size: int
+    budget_bytes: int  # = used_bytes + free_bytes
+    used_bytes: int  # = the sum of the tenants' bytes
+    free_bytes: int
+    tenants: list[AdminTenant]
+
+
+class AdminMemory(BaseModel):
+    devices: list[AdminDevice]
+
+
 @router.get("/admin/models")
 async def admin_models(request: Request) -> AdminModels:
-    rows = []
-    for model in server_state(request).models:
-        stats = model.engine.stats
-        rows.append(
-            AdminModel(
-                name=model.name,
-                source=model.source,
-                state=model.state.value,
-                max_model_len=model.max_model_len,
-                num_running=stats.num_running,
-                num_waiting=stats.num_waiting,
-                kv_bytes_mapped=stats.kv_mapped_bytes,
-                kv_blocks_free=stats.kv_free_blocks,
-                kv_blocks_used=stats.kv_used_blocks,
-            )
+    return AdminModels(models=[_row(model) for model in server_state(request).models])
+
+
+@router.post("/admin/models/{name}/wake", responses=_documented(404, 409, 503))
+async def wake_model(request: Request, name: str) -> AdminModel:
+    """Make the model resident now (its first request would otherwise do it)."""
+    model = _model(request, name)
+    if not await _admin_call(model.engine.wake()):
+        stats = model.worker.stats().worker
+        weights, free, budget = model.engine.weight_bytes, stats.free_bytes, stats.budget_bytes
+        raise errors.conflict(
+            f"model {name!r} cannot be woken now: its weights take {_mib(weights)} and "
+            f"{_mib(free)} of {_mib(budget)} are free; the other models' memory is in use",
+            code="insufficient_memory",
         )
-    return AdminModels(models=rows)
+    return _row(model)
+
+
+@router.post("/admin/models/{name}/sleep", responses=_documented(404, 409, 503))
+async def sleep_model(request: Request, name: str) -> AdminModel:
+    """Give the model's device memory back to the pool; its next request wakes it."""
+    model = _model(request, name)
+    await _admin_call(model.engine.sleep())
+    return _row(model)
+
+
+@router.post("/admin/models/{name}/limit", responses=_documented(400, 404, 409, 503))
+async def limit_model(request: Request, name: str, body: KVLimit) -> AdminModel:
+    """Cap the model's KV cache; memory beyond the cap goes back to the pool (what its
+    running requests hold stays until they finish)."""
+    model = _model(request, name)
+    await _admin_call(model.engine.set_kv_limit(body.kv_bytes))
+    return _row(model)
+
+
+@router.get("/admin/memory")
+async def admin_memory(request: Request) -> AdminMemory:
+    return AdminMemory(devices=[_device(w) for w in server_state(request).models.workers])
 
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 while every model's engine is serving, 503 otherwise."""
-    states = {m.name: m.state.value for m in server_state(request).models}
-    healthy = all(s == ModelState.ACTIVE.value for s in states.values())
+    """200 while every device's worker is serving (a cached or sleeping model is woken by
+    its next request), 503 otherwise."""
+    registry = server_state(request).models
+    states = {m.name: m.state.value for m in registry}
+    healthy = all(w.is_running for w in registry.workers)
     body = {"status": "ok" if healthy else "unavailable", "models": states}
     return JSONResponse(body, 200 if healthy else 503)
 
@@ -62,3 +139,80 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _model(request: Request, name: str) -> ServedModel:
+    model = server_state(request).models.get(name)
+    if model is None:
+        raise errors.model_not_found(name)
+    return model
+
+
+async def _admin_call(call: Awaitable[T]) -> T:
+    """Await a worker call, its refusals turned into API errors."""
+    try:
+        return await call
+    except EngineClosed as e:
+        raise errors.unavailable(str(e)) from e
+    except ModelConflict as e:
+        raise errors.conflict(str(e)) from e
+    except ValueError as e:
+        raise errors.from_value_error(e) from e
+
+
+def _row(model: ServedModel) -> AdminModel:
+    snapshot = model.worker.stats()
+    stats = snapshot.model(model.name)
+    engine = snapshot.engines.get(model.name)
+    pool = snapshot.pool
+    kv = next((t for t in pool.tenants if t.name == f"{model.name}/kv"), None)
+    return AdminModel(
+        name=model.name,
+        source=model.source,
+        device=model.worker.device,
+        state=model.state.value,
+        max_model_len=model.max_model_len,
+        num_running=engine.num_running if engine else 0,
+        num_waiting=engine.num_waiting if engine else 0,
+        weight_bytes=model.engine.weight_bytes,
+        weights_bytes_mapped=stats.weights_mapped_bytes if stats else 0,
+        kv_bytes_mapped=engine.kv_mapped_bytes if engine else 0,
+        kv_bytes_limit=kv.max_pages * pool.page_size if kv else None,
+        kv_blocks_free=engine.kv_free_blocks if engine else 0,
+        kv_blocks_used=engine.kv_used_blocks if engine else 0,
+        wakes=stats.wakes if stats else 0,
+        sleeps=stats.sleeps if stats else 0,
+        last_wake_ms=stats.last_wake_s * 1e3 if stats else 0.0,
+    )
+
+
+def _device(worker: AsyncWorker) -> AdminDevice:
+    snapshot = worker.stats()
+    pool = snapshot.pool
+    tenants = []
+    for t in pool.tenants:
+        model, _, kind = t.name.rpartition("/")
+        tenants.append(
+            AdminTenant(
+                name=t.name,
+                model=model,
+                kind=kind,
+                pages=t.owned_pages,
+                bytes=t.owned_pages * pool.page_size,
+                limit_bytes=t.max_pages * pool.page_size,
+            )
+        )
+    budget, used = pool.budget_pages * pool.page_size, pool.owned_pages * pool.page_size
+    return AdminDevice(
+        device=worker.device,
+        mode=worker.mode.value,
+        page_size=pool.page_size,
+        budget_bytes=budget,
+        used_bytes=used,
+        free_bytes=budget - used,
+        tenants=tenants,
+    )
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.0f} MiB"

@@ -1,0 +1,488 @@
+"""`AsyncWorker`: a `DeviceWorker` driven by its own thread, consumed from asyncio.
+
+The worker is synchronous and not thread-safe, so every call into it — submit, abort,
+step, wake, sleep, limits — happens on one dedicated thread. That thread takes commands
+from a queue, runs `step()` while any model has work, and sleeps on a condition
+otherwise. Each model is reached through an `AsyncModel`, which offers `AsyncEngine`'s
+request interface (`add_request` → a `RequestStream`, capacity, stats), so the server
+drives a model the same way whichever kind of engine is behind it.
+
+After every loop iteration the thread stores a `WorkerSnapshot` (read from any thread)
+and only then sends what the iteration produced — acceptances, outputs, answers to
+wake/sleep — so whoever gets an answer sees a snapshot at least as new as its cause.
+
+An exception from one model's engine step fails that model's requests (their streams
+raise `EngineError`) and aborts them; other models' requests carry on, and so does the
+thread. A failure the worker cannot pin on one model fails every request in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from prism.engine.async_engine import (
+    EngineClosed,
+    EngineError,
+    EngineOverloaded,
+    EngineStats,
+    RequestStream,
+    engine_stats,
+    put_soon,
+)
+from prism.engine.engine import Engine, EngineConfig
+from prism.engine.output import RequestOutput
+from prism.engine.request import FinishReason
+from prism.engine.sampling_params import SamplingParams
+from prism.memory import PoolError, PoolStats
+from prism.models.tokenizer import Tokenizer
+from prism.serving.model_slot import ModelSlot, ModelState
+from prism.serving.worker import DeviceWorker, ModelStats, StepError, WorkerMode, WorkerStats
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_MAX_WAITING = 256
+
+
+class ModelConflict(RuntimeError):
+    """The model's state (requests in flight, never woken) or the worker's mode rules the
+    operation out for now."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    """Taken on the worker thread after every loop iteration; safe to read anywhere."""
+
+    worker: WorkerStats
+    pool: PoolStats
+    engines: Mapping[str, EngineStats]  # per model; running/waiting include queued-for-wake
+
+    def model(self, name: str) -> ModelStats | None:
+        return next((m for m in self.worker.models if m.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Add:
+    model: str
+    prompt: str | list[int]
+    params: SamplingParams
+    request_id: str
+    accepted: concurrent.futures.Future[None]  # result: added; exception: why not
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """Run `fn` on the worker thread; its result or exception goes to `done`."""
+
+    fn: Callable[[], Any]
+    done: concurrent.futures.Future[Any]
+
+
+_Command = _Add | _Abort | _Call
+
+
+class AsyncModel:
+    """One model of an `AsyncWorker`, with `AsyncEngine`'s request interface."""
+
+    def __init__(self, worker: AsyncWorker, slot: ModelSlot, max_waiting: int) -> None:
+        self.name = slot.spec.name
+        self.source = slot.spec.source
+        self.config: EngineConfig = slot.spec.engine
+        self.tokenizer: Tokenizer | None = slot.tokenizer
+        self.vocab_size = slot.config.vocab_size
+        self.weight_bytes = slot.weight_bytes
+        self.max_requests = self.config.max_num_seqs + max_waiting
+        self.worker = worker
+        self._slot = slot
+
+    @property
+    def is_running(self) -> bool:
+        return self.worker.is_running
+
+    @property
+    def state(self) -> ModelState:
+        stats = self.worker.stats().model(self.name)
+        return ModelState(stats.state) if stats is not None else ModelState.CACHED
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.worker.stats().engines.get(self.name, EngineStats())
+
+    @property
+    def model_stats(self) -> ModelStats | None:
+        return self.worker.stats().model(self.name)
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine, once first woken. It belongs to the worker thread: read it from
+        elsewhere only while the model is idle (tests, introspection)."""
+        return self._slot.engine
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests added and not yet finished, aborted or failed."""
+        return self.worker.num_in_flight(self.name)
+
+    def has_capacity(self, count: int) -> bool:
+        return self.num_in_flight + count <= self.max_requests
+
+    async def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> RequestStream:
+        return await self.worker.add_request(self.name, prompt, params, request_id)
+
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        return self.worker.generate(self.name, prompt, params, request_id)
+
+    async def wake(self) -> bool:
+        return await self.worker.wake(self.name)
+
+    async def sleep(self) -> int:
+        return await self.worker.sleep(self.name)
+
+    async def set_kv_limit(self, kv_bytes: int) -> int:
+        return await self.worker.set_kv_limit(self.name, kv_bytes)
+
+    def _release(self, request_id: str) -> None:
+        self.worker._release(self.name, request_id)
+
+
+class AsyncWorker:
+    """`generate(model, ...)` streams a request's outputs; `wake`/`sleep`/`set_kv_limit`
+    run on the worker thread and return its answer."""
+
+    def __init__(
+        self, worker: DeviceWorker, *, max_waiting: int | Mapping[str, int] = DEFAULT_MAX_WAITING
+    ) -> None:
+        """`worker` with its models added (and woken, if they should be). `max_waiting`:
+        requests per model beyond its running capacity (`max_num_seqs`) that may queue,
+        one number for all or one per model; more are refused with `EngineOverloaded`."""
+        self.worker = worker
+        self.models: dict[str, AsyncModel] = {}
+        for name, slot in worker.models.items():
+            waiting = (
+                max_waiting
+                if isinstance(max_waiting, int)
+                else max_waiting.get(name, DEFAULT_MAX_WAITING)
+            )
+            self.models[name] = AsyncModel(self, slot, waiting)
+        self._cond = threading.Condition()
+        # Guarded by _cond: the command queue, the streams in flight (model → request id →
+        # stream), _stopping.
+        self._commands: list[_Command] = []
+        self._streams: dict[str, dict[str, RequestStream]] = {name: {} for name in self.models}
+        self._stopping = False
+        self._replies: list[Callable[[], None]] = []  # worker thread only: sent after a snapshot
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(
+            target=self._run, name=f"worker-{worker.config.device}", daemon=True
+        )
+        self._thread.start()
+
+    # ---- asyncio side ------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        return self.worker.config.device
+
+    @property
+    def mode(self) -> WorkerMode:
+        return self.worker.config.mode
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def stats(self) -> WorkerSnapshot:
+        return self._stats
+
+    def num_in_flight(self, model: str) -> int:
+        return len(self._streams[model])
+
+    async def add_request(
+        self, model: str, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> RequestStream:
+        """Queue a request for `model`; returns once the worker has taken it (a model that
+        is not awake is woken, or the request waits for memory to wake it). Raises the
+        engine's ValueError for a bad request, `EngineOverloaded` or `EngineClosed`."""
+        owner = self._model(model)
+        stream = RequestStream(request_id, owner)
+        accepted: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise EngineClosed(f"the worker of {self.device} is shut down")
+            if any(request_id in streams for streams in self._streams.values()):
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if not owner.has_capacity(1):
+                raise EngineOverloaded(
+                    f"model {model!r} has {self.num_in_flight(model)} requests in flight "
+                    f"(at most {owner.max_requests})"
+                )
+            self._streams[model][request_id] = stream
+            self._commands.append(_Add(model, prompt, params, request_id, accepted))
+            self._cond.notify()
+        try:
+            await asyncio.wrap_future(accepted)
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    async def generate(
+        self, model: str, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come; leaving early aborts the request."""
+        stream = await self.add_request(model, prompt, params, request_id)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.close()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its stream (if still open) gets a final ABORT output."""
+        self._submit(_Abort(request_id))
+
+    async def wake(self, model: str) -> bool:
+        """Make `model` resident; False if the memory cannot be had now."""
+        self._model(model)
+        return await self.call(partial(self.worker.wake, model))
+
+    async def sleep(self, model: str) -> int:
+        """Put an idle model to sleep; returns bytes given back to the pool. Raises
+        `ModelConflict` if it has requests in flight or the mode never sleeps models."""
+        self._model(model)
+        return await self.call(partial(self._sleep_now, model))
+
+    async def set_kv_limit(self, model: str, kv_bytes: int) -> int:
+        """Cap a model's KV cache; returns bytes it still holds beyond the cap (held by
+        running requests). `ModelConflict` before its first wake; ValueError below the
+        cache's minimum."""
+        self._model(model)
+        return await self.call(partial(self._set_kv_limit_now, model, kv_bytes))
+
+    def close(self) -> None:
+        """Fail every request in flight with `EngineClosed`, stop the thread, close the
+        worker. Blocks for at most the step in progress."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _model(self, name: str) -> AsyncModel:
+        model = self.models.get(name)
+        if model is None:
+            raise KeyError(f"unknown model {name!r}; on this worker: {sorted(self.models)}")
+        return model
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` run on the worker thread (between steps), e.g. `worker.check_integrity`."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise EngineClosed(f"the worker of {self.device} is shut down")
+            self._commands.append(_Call(fn, done))
+            self._cond.notify()
+        return await asyncio.wrap_future(done)
+
+    def _release(self, model: str, request_id: str) -> None:
+        """A stream was closed: abort its request unless the worker is done with it."""
+        with self._cond:
+            if self._streams[model].pop(request_id, None) is not None:
+                self._commands.append(_Abort(request_id))
+                self._cond.notify()
+
+    def _submit(self, command: _Command) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    # ---- worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (commands := self._wait_for_work()) is not None:
+            for command in commands:
+                self._apply(command)
+            if self.worker.has_work():
+                self._step()
+            self._stats = self._snapshot()
+            self._send_replies()
+        self._shutdown()
+
+    def _wait_for_work(self) -> list[_Command] | None:
+        """The pending commands once there is something to do; None when stopping."""
+        with self._cond:
+            while not (self._commands or self._stopping or self.worker.has_work()):
+                self._cond.wait()
+            if self._stopping:
+                return None
+            commands, self._commands = self._commands, []
+            return commands
+
+    def _apply(self, command: _Command) -> None:
+        if isinstance(command, _Add):
+            self._add(command)
+        elif isinstance(command, _Abort):
+            self._abort(command.request_id)
+        elif command.done.set_running_or_notify_cancel():  # not given up on by the caller
+            try:
+                result = command.fn()
+            except Exception as e:
+                self._replies.append(partial(command.done.set_exception, e))
+            else:
+                self._replies.append(partial(command.done.set_result, result))
+
+    def _add(self, command: _Add) -> None:
+        if not command.accepted.set_running_or_notify_cancel():
+            return  # the caller gave up before the request reached the worker
+        try:
+            self.worker.submit(command.model, command.prompt, command.params, command.request_id)
+        except Exception as e:
+            with self._cond:
+                self._streams[command.model].pop(command.request_id, None)
+            if not isinstance(e, ValueError):  # ValueError: the request itself is bad
+                logger.exception("worker %s: adding %s failed", self.device, command.request_id)
+                e = EngineError(f"model {command.model!r}: {type(e).__name__}: {e}")
+            self._replies.append(partial(command.accepted.set_exception, e))
+            return
+        self._replies.append(partial(command.accepted.set_result, None))
+
+    def _abort(self, request_id: str) -> None:
+        try:
+            output = self.worker.abort(request_id)
+        except Exception:
+            logger.exception("worker %s: abort of %s failed", self.device, request_id)
+            return
+        with self._cond:
+            model = next((m for m, s in self._streams.items() if request_id in s), None)
+        if model is None:
+            return  # released: nobody listens
+        if output is None:  # it was waiting for its model to wake: the engine never saw it
+            output = RequestOutput(request_id, [], "", True, FinishReason.ABORT, 0, 0, 0)
+        self._deliver(model, output)
+
+    def _step(self) -> None:
+        failed: dict[str, EngineError] = {}
+        try:
+            outputs = self.worker.step()
+        except StepError as e:
+            for name, error in e.errors.items():
+                logger.error("worker %s: step of %r failed", self.device, name, exc_info=error)
+            outputs = e.outputs
+            failed = {
+                name: EngineError(f"model {name!r}: engine step failed: {type(x).__name__}: {x}")
+                for name, x in e.errors.items()
+            }
+        except Exception as e:
+            logger.exception("worker %s: step failed", self.device)
+            error = EngineError(f"worker step failed: {type(e).__name__}: {e}")
+            outputs, failed = [], dict.fromkeys(self.models, error)
+        for model, output in outputs:
+            self._deliver(model, output)
+        for model, error in failed.items():
+            self._fail(model, error)
+
+    def _deliver(self, model: str, output: RequestOutput) -> None:
+        with self._cond:
+            streams = self._streams[model]
+            if output.finished:
+                stream = streams.pop(output.request_id, None)
+            else:
+                stream = streams.get(output.request_id)
+        if stream is not None:
+            self._replies.append(partial(put_soon, stream, output))
+
+    def _fail(self, model: str, error: EngineError) -> None:
+        """Abort every request of `model` the worker holds; their streams raise `error`.
+        Requests still in the command queue are not affected."""
+        with self._cond:  # taken first: the ABORT outputs must not reach the streams
+            queued = {c.request_id for c in self._commands if isinstance(c, _Add)}
+            registered = self._streams[model]
+            streams = {i: s for i, s in registered.items() if i not in queued}
+            for request_id in streams:
+                del registered[request_id]
+        engine = self.worker.models[model].engine
+        scheduler = engine.scheduler if engine is not None else None
+        held = [r.request_id for r in (*scheduler.running, *scheduler.waiting)] if scheduler else []
+        for request_id in dict.fromkeys([*streams, *held]):
+            try:
+                self.worker.abort(request_id)
+            except Exception:
+                logger.exception("worker %s: abort of %s failed", self.device, request_id)
+        for stream in streams.values():
+            self._replies.append(partial(put_soon, stream, error))
+
+    def _sleep_now(self, model: str) -> int:
+        slot = self.worker.models[model]
+        if self.mode is WorkerMode.STATIC:
+            raise ModelConflict("static mode never sleeps models")
+        stats = self._stats.model(model)
+        if not slot.idle:
+            running, waiting = (stats.running, stats.waiting) if stats else (0, 0)
+            raise ModelConflict(
+                f"model {model!r} has requests in flight ({running} running, {waiting} "
+                "waiting); it can sleep once they finish"
+            )
+        return self.worker.sleep(model)
+
+    def _set_kv_limit_now(self, model: str, kv_bytes: int) -> int:
+        if self.worker.models[model].engine is None:
+            raise ModelConflict(f"model {model!r} has no KV cache before its first wake")
+        try:
+            return self.worker.set_kv_limit(model, kv_bytes)
+        except PoolError as e:
+            raise ValueError(f"kv_bytes: {e}") from e
+
+    def _snapshot(self) -> WorkerSnapshot:
+        stats = self.worker.stats()
+        engines = {}
+        for model in stats.models:
+            engine = self.worker.models[model.name].engine
+            kv = engine_stats(engine) if engine is not None else EngineStats()
+            engines[model.name] = dataclasses.replace(
+                kv, num_running=model.running, num_waiting=model.waiting
+            )
+        return WorkerSnapshot(stats, self.worker.pool.stats(), engines)
+
+    def _send_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        for reply in replies:
+            reply()
+
+    def _shutdown(self) -> None:
+        closed = EngineClosed(f"the worker of {self.device} shut down")
+        for model in self.models:
+            self._fail(model, closed)
+        with self._cond:
+            commands, self._commands = self._commands, []
+        for command in commands:
+            if isinstance(command, _Add):
+                future: concurrent.futures.Future[Any] = command.accepted
+            elif isinstance(command, _Call):
+                future = command.done
+            else:
+                continue
+            if future.set_running_or_notify_cancel():
+                future.set_exception(closed)
+        self._send_replies()
+        try:
+            self.worker.close()
+        except Exception:
+            logger.exception("worker %s: close failed", self.device)

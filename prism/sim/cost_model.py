@@ -1,0 +1,265 @@
+"""Step times of a simulated GPU: decode, prefill, and waking a model.
+
+Each time is a physical floor times a factor measured on real hardware:
+
+- decode step  = max(bytes read / HBM bandwidth, FLOPs / matmul rate) × decode_overhead,
+  bytes = weights + the batch's KV cache;
+- prefill      = FLOPs / (matmul rate × efficiency(tokens)), never below the decode time
+  of the same step (a short prompt is bound by reading the weights, like a decode);
+- a mixed step (prefill chunk + running decodes, as the engine runs them) = the larger
+  of its memory time and its compute time;
+- wake         = weight bytes / host→device bandwidth × wake_overhead + wake_fixed_s.
+
+`Calibration.from_results` reads the factors from the H200 benchmark files under
+`benchmarks/results/`; without them the defaults below are those same measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from bisect import bisect_right
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from prism.models.config import ModelConfig
+from prism.models.presets import PRESETS
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """What the cost model needs of a model: sizes, not weights."""
+
+    name: str
+    params: int  # every parameter, embedding included (what a wake copies)
+    matmul_params: int  # parameters multiplied per token (embedding lookup excluded)
+    layers: int
+    heads: int  # query heads
+    head_dim: int
+    kv_bytes_per_token: int  # K and V over all layers
+    dtype_bytes: int = 2  # bf16
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params * self.dtype_bytes
+
+    @classmethod
+    def from_config(cls, name: str, config: ModelConfig, dtype_bytes: int = 2) -> ModelShape:
+        params = config.num_parameters
+        embedding = config.vocab_size * config.hidden_size
+        return cls(
+            name=name,
+            params=params,
+            matmul_params=params - (0 if config.tie_word_embeddings else embedding),
+            layers=config.num_layers,
+            heads=config.num_heads,
+            head_dim=config.head_dim,
+            kv_bytes_per_token=2 * config.num_layers * config.kv_size * dtype_bytes,
+            dtype_bytes=dtype_bytes,
+        )
+
+
+def _qwen3(hidden: int, inter: int, layers: int, heads: int, tied: bool) -> ModelConfig:
+    """Qwen3 shapes beyond the presets (published configs), for a wider model mix."""
+    base = PRESETS["qwen3-8b"]
+    return replace(
+        base,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_layers=layers,
+        num_heads=heads,
+        tie_word_embeddings=tied,
+    )
+
+
+def _catalogue() -> dict[str, ModelShape]:
+    configs = dict(PRESETS)
+    configs["qwen3-4b"] = _qwen3(2560, 9728, 36, 32, tied=True)
+    configs["qwen3-14b"] = _qwen3(5120, 17408, 40, 40, tied=False)
+    return {name: ModelShape.from_config(name, c) for name, c in sorted(configs.items())}
+
+
+SHAPES: dict[str, ModelShape] = _catalogue()
+
+
+@dataclass(frozen=True, slots=True)
+class GPUSpec:
+    """A GPU's ceilings as measured (copy bandwidth, matmul rate), not as advertised."""
+
+    name: str
+    memory_bytes: int  # HBM the device reports
+    hbm_bytes_per_s: float  # device copy bandwidth, read + write counted (as bench_engine)
+    flops_per_s: float  # dense bf16 matmul rate (8192³)
+    h2d_bytes_per_s: float  # pinned host→device copy
+
+
+# Measured on the lent H200 (benchmarks/results/bench_engine_h200.json, bench_worker_h200.json).
+H200 = GPUSpec("H200", 143_771 * MiB, 4.2226e12, 7.9124e14, 5.5312e10)
+# Not measured here: H100 SXM at the same fractions of its datasheet as the H200 reached
+# of its own (4.22/4.8 TB/s, 791/989 TFLOP/s), PCIe 5 host copy as measured on the H200.
+H100 = GPUSpec("H100", 81_559 * MiB, 3.35e12 * 4.2226 / 4.8, 7.9124e14, 5.5312e10)
+GPUS = {"H200": H200, "H100": H100}
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Measured factors between real step times and their physical floors."""
+
+    decode_overhead: float = 1.593  # engine step / floor, mean over batch 1..128 (8B, ctx 512)
+    # prefill achieved / matmul rate, by tokens in the step (8B): 512, 2048, 8192 tokens
+    prefill_points: tuple[tuple[int, float], ...] = ((512, 0.633), (2048, 0.807), (8192, 0.816))
+    wake_overhead: float = 1.754  # wake / (bytes / H2D), least-squares slope over 1B, 3B, 8B
+    wake_fixed_s: float = 0.021  # its intercept: per-wake work that does not scale with bytes
+    unmap_s_per_gib: float = 0.0131  # sleep: unmapping 1 GiB of pages (bench_memory shrink)
+    source: str = "defaults (H200 runs of commits 85d4f27, abb1f6e, 8a508d1)"
+    _tokens: tuple[float, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_tokens", tuple(math.log2(t) for t, _ in self.prefill_points))
+
+    def prefill_efficiency(self, tokens: int) -> float:
+        """Fraction of the matmul rate a prefill of `tokens` reaches: piecewise linear in
+        log2(tokens) between measured points, flat beyond them."""
+        points = self.prefill_points
+        x = math.log2(max(tokens, 1))
+        i = bisect_right(self._tokens, x)
+        if i == 0:
+            return points[0][1]
+        if i == len(points):
+            return points[-1][1]
+        x0, x1 = self._tokens[i - 1], self._tokens[i]
+        y0, y1 = points[i - 1][1], points[i][1]
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+    @classmethod
+    def from_results(cls, results_dir: str | Path) -> Calibration:
+        """Factors from bench_engine_h200.json and bench_worker_h200.json, where present."""
+        root = Path(results_dir)
+        found: dict[str, Any] = {}
+        sources = []
+        engine = root / "bench_engine_h200.json"
+        if engine.is_file():
+            data = json.loads(engine.read_text())
+            decode = [r["over_floor"] for r in data.get("decode_8b", [])]
+            if decode:
+                found["decode_overhead"] = sum(decode) / len(decode)
+            prefill = [(r["tokens"], r["of_matmul_rate"]) for r in data.get("prefill_8b", [])]
+            if prefill:
+                found["prefill_points"] = tuple(sorted(prefill))
+            sources.append(f"{engine.name}@{data.get('commit', '?')}")
+        worker = root / "bench_worker_h200.json"
+        if worker.is_file():
+            data = json.loads(worker.read_text())
+            points = [(r["floor_s"], r["wake_s"]) for r in data.get("wake", [])]
+            if len(points) >= 2:
+                found["wake_overhead"], found["wake_fixed_s"] = _line_fit(points)
+            sources.append(f"{worker.name}@{data.get('commit', '?')}")
+        memory = root / "bench_memory_h200.json"
+        if memory.is_file():
+            data = json.loads(memory.read_text())
+            shrink = data.get("grow_shrink", {}).get("shrink_1gib_ms")
+            if shrink:
+                found["unmap_s_per_gib"] = shrink / 1e3
+                sources.append(f"{memory.name}@{data.get('commit', '?')}")
+        if not sources:
+            return cls()
+        return cls(**found, source=", ".join(sources))
+
+
+def _line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares slope and intercept of y over x."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return slope, max(0.0, my - slope * mx)
+
+
+def gpu_from_results(results_dir: str | Path, base: GPUSpec = H200) -> GPUSpec:
+    """`base` with the ceilings measured in the H200 result files, where present."""
+    root = Path(results_dir)
+    spec = base
+    engine = root / "bench_engine_h200.json"
+    if engine.is_file():
+        ceil = json.loads(engine.read_text()).get("ceilings", {})
+        spec = replace(
+            spec,
+            hbm_bytes_per_s=ceil.get("copy_bytes_per_s", spec.hbm_bytes_per_s),
+            flops_per_s=ceil.get("bf16_flops_per_s", spec.flops_per_s),
+        )
+    worker = root / "bench_worker_h200.json"
+    if worker.is_file():
+        h2d = json.loads(worker.read_text()).get("h2d_bytes_per_s")
+        spec = replace(spec, h2d_bytes_per_s=h2d or spec.h2d_bytes_per_s)
+    return spec
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Step times for one kind of GPU."""
+
+    gpu: GPUSpec = H200
+    calibration: Calibration = field(default_factory=Calibration)
+
+    @classmethod
+    def from_results(cls, results_dir: str | Path, gpu: GPUSpec = H200) -> CostModel:
+        """H200 ceilings and factors from the benchmark files (only the factors for another
+        GPU: its ceilings stay as given)."""
+        spec = gpu_from_results(results_dir, gpu) if gpu.name == "H200" else gpu
+        return cls(spec, Calibration.from_results(results_dir))
+
+    def decode_s(self, shape: ModelShape, batch: int, kv_tokens: int) -> float:
+        """One decode step of `batch` sequences holding `kv_tokens` tokens of KV in all."""
+        if batch <= 0:
+            return 0.0
+        memory = (
+            shape.weight_bytes + kv_tokens * shape.kv_bytes_per_token
+        ) / self.gpu.hbm_bytes_per_s
+        compute = 2.0 * shape.matmul_params * batch / self.gpu.flops_per_s
+        return max(memory, compute) * self.calibration.decode_overhead
+
+    def prefill_flops(self, shape: ModelShape, tokens: int, offset: int = 0) -> float:
+        """Matmuls plus causal attention of a chunk of `tokens` after `offset` cached ones."""
+        attention = (
+            2.0 * shape.layers * shape.heads * shape.head_dim * tokens * (2 * offset + tokens)
+        )
+        return 2.0 * shape.matmul_params * tokens + attention
+
+    def prefill_s(self, shape: ModelShape, tokens: int, offset: int = 0) -> float:
+        """A prefill step alone: one chunk of `tokens` prompt tokens."""
+        return self.step_s(shape, 0, 0, tokens, self.prefill_flops(shape, tokens, offset))
+
+    def step_s(
+        self,
+        shape: ModelShape,
+        batch: int,
+        kv_tokens: int,
+        prefill_tokens: int,
+        prefill_flops: float,
+    ) -> float:
+        """A mixed step: `batch` decodes over `kv_tokens` of KV plus a prefill chunk of
+        `prefill_tokens` tokens costing `prefill_flops` (see `prefill_flops`)."""
+        decode = self.decode_s(shape, max(batch, 1), kv_tokens)
+        if prefill_tokens <= 0:
+            return decode if batch > 0 else 0.0
+        efficiency = self.calibration.prefill_efficiency(prefill_tokens)
+        flops = prefill_flops + 2.0 * shape.matmul_params * batch
+        return max(decode, flops / (self.gpu.flops_per_s * efficiency))
+
+    def wake_s(self, shape: ModelShape) -> float:
+        """Map the weights' pages and copy them from pinned host memory."""
+        floor = shape.weight_bytes / self.gpu.h2d_bytes_per_s
+        return floor * self.calibration.wake_overhead + self.calibration.wake_fixed_s
+
+    def sleep_s(self, pages_bytes: int) -> float:
+        """Unmap a sleeping model's pages (the worker does it in its loop)."""
+        return pages_bytes / GiB * self.calibration.unmap_s_per_gib
+
+    def migrate_s(self, shape: ModelShape) -> float:
+        """Moving a model to another GPU: a wake there (the host copy is shared)."""
+        return self.wake_s(shape)

@@ -1,0 +1,176 @@
+"""What a run produced: per-request latencies, counters, memory over time, and the
+SLO attainment computed from them.
+
+SLOs are per model: scale × that model's p95 latency when served alone (`solo_p95`,
+from a run with one dedicated GPU per model). A request meets its TTFT SLO when its
+first token came within it; its TPOT SLO when it finished and its mean time per output
+token after the first was within it. A request that never finished misses both.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from prism.sim.gpu import SimGPU
+    from prism.sim.simulator import Simulator
+
+
+class MemoryTrace:
+    """Weights and KV bytes each model holds (over all its GPUs), sampled in time."""
+
+    def __init__(self, num_models: int) -> None:
+        self.num_models = num_models
+        self.times: list[float] = []
+        self.weights: list[np.ndarray] = []  # per sample: [num_models] bytes
+        self.kv: list[np.ndarray] = []
+
+    def sample(self, now: float, gpus: list[SimGPU]) -> None:
+        weights = np.zeros(self.num_models)
+        kv = np.zeros(self.num_models)
+        for gpu in gpus:
+            page = gpu.config.page_size
+            for model, instance in gpu.instances.items():
+                weights[model] += instance.weights.account.num_owned * page
+                kv[model] += instance.kv.mapped_pages * page
+        self.times.append(now)
+        self.weights.append(weights)
+        self.kv.append(kv)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """times [T], weights [T, M], kv [T, M] (bytes)."""
+        if not self.times:
+            empty = np.zeros((0, self.num_models))
+            return np.zeros(0), empty, empty
+        return np.array(self.times), np.stack(self.weights), np.stack(self.kv)
+
+
+@dataclass(slots=True)
+class SimResult:
+    policy: str
+    num_gpus: int
+    num_models: int
+    duration_s: float  # the workload's span
+    end_s: float  # simulated time at the end of the run (drain included)
+    wall_s: float
+    model: np.ndarray  # [R] model of each request
+    arrival: np.ndarray  # [R]
+    ttft: np.ndarray  # [R] seconds; nan without a first token
+    tpot: np.ndarray  # [R] seconds; nan if unfinished; 0 for one-token outputs
+    output_tokens: np.ndarray  # [R]
+    preemptions: np.ndarray  # [R]
+    dropped: int
+    migrations: int
+    wakes: Counter[int] = field(default_factory=Counter)  # per model
+    sleeps: Counter[int] = field(default_factory=Counter)
+    busy_s: list[float] = field(default_factory=list)  # per GPU, time in steps and wakes
+    memory: MemoryTrace | None = None
+
+    @classmethod
+    def collect(cls, sim: Simulator, wall_s: float) -> SimResult:
+        reqs = sim.requests
+        first = np.array([r.first_token for r in reqs], dtype=float)
+        finish = np.array([r.finish for r in reqs], dtype=float)
+        arrival = np.array([r.arrival for r in reqs], dtype=float)
+        output = np.array([r.output for r in reqs], dtype=np.int64)
+        ttft = np.where(first >= 0, first - arrival, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_token = (finish - first) / np.maximum(output - 1, 1)
+        tpot = np.where(finish >= 0, per_token, np.nan)
+        wakes: Counter[int] = Counter()
+        sleeps: Counter[int] = Counter()
+        for gpu in sim.gpus:
+            wakes.update(gpu.wakes_by_model)
+            sleeps.update(gpu.sleeps_by_model)
+        return cls(
+            policy=sim.policy.name,
+            num_gpus=len(sim.gpus),
+            num_models=len(sim.models),
+            duration_s=sim.workload.duration_s,
+            end_s=sim.now,
+            wall_s=wall_s,
+            model=np.array([r.model for r in reqs], dtype=np.int64),
+            arrival=arrival,
+            ttft=ttft,
+            tpot=tpot,
+            output_tokens=output,
+            preemptions=np.array([r.preemptions for r in reqs], dtype=np.int64),
+            dropped=sim.dropped,
+            migrations=sim.migrations,
+            wakes=wakes,
+            sleeps=sleeps,
+            busy_s=[g.busy_s for g in sim.gpus],
+            memory=sim.memory,
+        )
+
+    @property
+    def finished(self) -> np.ndarray:
+        return ~np.isnan(self.tpot)
+
+    def attainment(self, ttft_slo: np.ndarray, tpot_slo: np.ndarray) -> dict[str, float]:
+        """Fractions of requests meeting their model's TTFT SLO, TPOT SLO, and both;
+        `ttft_slo` and `tpot_slo` are per model ([num_models] seconds)."""
+        if len(self.model) == 0:
+            return {"ttft": 1.0, "tpot": 1.0, "both": 1.0}
+        ttft_ok = np.nan_to_num(self.ttft, nan=np.inf) <= ttft_slo[self.model]
+        tpot_ok = np.nan_to_num(self.tpot, nan=np.inf) <= tpot_slo[self.model]
+        return {
+            "ttft": float(ttft_ok.mean()),
+            "tpot": float(tpot_ok.mean()),
+            "both": float((ttft_ok & tpot_ok).mean()),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        done = self.finished
+        tokens = int(self.output_tokens[done].sum())
+        return {
+            "policy": self.policy,
+            "gpus": self.num_gpus,
+            "models": self.num_models,
+            "requests": len(self.model),
+            "finished": int(done.sum()),
+            "dropped": self.dropped,
+            "throughput_rps": float(done.sum() / self.duration_s),
+            "throughput_tokens_s": tokens / self.duration_s,
+            "ttft_p50_s": _pct(self.ttft, 50),
+            "ttft_p99_s": _pct(self.ttft, 99),
+            "tpot_p50_s": _pct(self.tpot, 50),
+            "tpot_p99_s": _pct(self.tpot, 99),
+            "wakes": sum(self.wakes.values()),
+            "sleeps": sum(self.sleeps.values()),
+            "migrations": self.migrations,
+            "preemptions": int(self.preemptions.sum()),
+            "gpu_busy": float(np.mean(self.busy_s) / max(self.end_s, 1e-9)) if self.busy_s else 0.0,
+            "simulated_s": self.end_s,
+            "wall_s": self.wall_s,
+        }
+
+
+def _pct(values: np.ndarray, q: float) -> float | None:
+    ok = values[~np.isnan(values)]
+    return float(np.percentile(ok, q)) if len(ok) else None
+
+
+def solo_p95(result: SimResult) -> tuple[np.ndarray, np.ndarray]:
+    """Per-model p95 TTFT and TPOT of a run where each model had a GPU to itself.
+    Models without requests get the median of the others."""
+    ttft = np.full(result.num_models, np.nan)
+    tpot = np.full(result.num_models, np.nan)
+    for m in range(result.num_models):
+        mine = result.model == m
+        t = result.ttft[mine]
+        t = t[~np.isnan(t)]
+        p = result.tpot[mine]
+        p = p[~np.isnan(p) & (result.output_tokens[mine] > 1)]
+        if len(t):
+            ttft[m] = np.percentile(t, 95)
+        if len(p):
+            tpot[m] = np.percentile(p, 95)
+    for arr in (ttft, tpot):
+        fill = np.nanmedian(arr) if np.any(~np.isnan(arr)) else 1.0
+        arr[np.isnan(arr)] = fill
+    return ttft, tpot

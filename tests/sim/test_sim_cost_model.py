@@ -1,0 +1,82 @@
+"""Cost model: reproduces the H200 measurements it is calibrated from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sim_helpers import RESULTS
+
+from prism.models.presets import PRESETS
+from prism.sim.cost_model import SHAPES, Calibration, CostModel, ModelShape
+
+
+def _load(name: str) -> dict:
+    path = RESULTS / name
+    if not path.is_file():
+        pytest.skip(f"{path} absent")
+    return json.loads(path.read_text())
+
+
+def test_shapes_match_model_configs() -> None:
+    """Parameters and KV bytes per token come from the real model configs."""
+    shape = SHAPES["llama-3.1-8b"]
+    assert shape.params == PRESETS["llama-3.1-8b"].num_parameters
+    assert shape.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB
+    assert abs(shape.weight_bytes / 2**30 - 14.96) < 0.01  # bench_worker's 14.96 GiB
+    one_b = SHAPES["llama-3.2-1b"]
+    assert one_b.matmul_params == one_b.params  # tied embeddings: the lm_head is a matmul
+
+
+def test_decode_and_prefill_reproduce_bench_engine(cost: CostModel) -> None:
+    """Decode steps within 4% of every measured row; prefill at the measured rows exact."""
+    data = _load("bench_engine_h200.json")
+    shape = SHAPES["llama-3.1-8b"]
+    for row in data["decode_8b"]:
+        batch, ctx = row["batch"], row["ctx"]
+        model = cost.decode_s(shape, batch, batch * (ctx + 20)) * 1e3
+        assert model == pytest.approx(row["step_ms"], rel=0.04)
+    for row in data["prefill_8b"]:
+        assert cost.prefill_s(shape, row["tokens"]) * 1e3 == pytest.approx(row["step_ms"], rel=1e-3)
+
+
+def test_wake_fits_bench_worker(cost: CostModel) -> None:
+    """Wake = bytes / H2D × factor + fixed: within 10% of the 1B, 3B and 8B wakes."""
+    data = _load("bench_worker_h200.json")
+    for row in data["wake"]:
+        assert cost.wake_s(SHAPES[row["model"]]) == pytest.approx(row["wake_s"], rel=0.10)
+
+
+def test_defaults_are_the_measurements() -> None:
+    """Without result files the defaults are the same numbers (to 1%)."""
+    measured = Calibration.from_results(RESULTS)
+    if measured.source.startswith("defaults"):
+        pytest.skip("no result files")
+    default = Calibration()
+    assert default.decode_overhead == pytest.approx(measured.decode_overhead, rel=0.01)
+    assert default.wake_overhead == pytest.approx(measured.wake_overhead, rel=0.01)
+    assert default.wake_fixed_s == pytest.approx(measured.wake_fixed_s, rel=0.05)
+    for (t0, e0), (t1, e1) in zip(default.prefill_points, measured.prefill_points, strict=True):
+        assert t0 == t1 and e0 == pytest.approx(e1, abs=0.01)
+
+
+def test_prefill_efficiency_interpolates_and_clamps() -> None:
+    """Between measured points the efficiency is interpolated in log tokens; flat outside."""
+    c = Calibration()
+    assert c.prefill_efficiency(1) == c.prefill_points[0][1]
+    assert c.prefill_efficiency(1 << 20) == c.prefill_points[-1][1]
+    assert c.prefill_points[0][1] < c.prefill_efficiency(1024) < c.prefill_points[1][1]
+
+
+def test_small_steps_are_memory_bound(cost: CostModel) -> None:
+    """A one-token prefill costs what a decode step costs (reading the weights)."""
+    shape = SHAPES["llama-3.2-3b"]
+    assert cost.prefill_s(shape, 1) == pytest.approx(cost.decode_s(shape, 1, 0), rel=0.01)
+    assert cost.step_s(shape, 0, 0, 0, 0.0) == 0.0
+
+
+def test_from_config_of_custom_shape() -> None:
+    """Any ModelConfig gives a shape; KV bytes follow layers × KV heads × head dim."""
+    config = PRESETS["qwen3-1.7b"]
+    shape = ModelShape.from_config("q", config, dtype_bytes=1)
+    assert shape.kv_bytes_per_token == 2 * config.num_layers * config.kv_size

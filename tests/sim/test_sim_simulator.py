@@ -1,0 +1,187 @@
+"""The simulator on micro-workloads with known answers (the issue's acceptance tests):
+deterministic for a seed, closed-form latencies for a lone request, a model at low rate
+meets every SLO, a model over capacity misses them, two alternating models thrash under
+`swap` and not under `prism`; and every ledger is consistent after every run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from sim_helpers import models, workload
+
+from prism.sim.cost_model import CostModel, GiB
+from prism.sim.gpu import GPUConfig
+from prism.sim.metrics import SimResult
+from prism.sim.policies import POLICIES, make_policy
+from prism.sim.request import SimModel
+from prism.sim.simulator import SimConfig, Simulator
+from prism.sim.workloads import Workload, bursty_groups
+
+
+def run(
+    w: Workload,
+    ms: Sequence[SimModel],
+    policy: str,
+    gpus: int,
+    gpu: GPUConfig,
+    cost: CostModel,
+) -> tuple[SimResult, Simulator]:
+    sim = Simulator(w, ms, make_policy(policy), SimConfig(gpus, gpu), cost)
+    result = sim.run()
+    for g in sim.gpus:
+        g.check_integrity()
+        for instance in g.instances.values():
+            if not instance.holds_kv:
+                assert instance.kv.used_blocks == 0  # finished requests freed their blocks
+    return result, sim
+
+
+def _slos(ms: Sequence[SimModel]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([m.ttft_slo_s for m in ms]), np.array([m.tpot_slo_s for m in ms])
+
+
+@pytest.mark.parametrize("policy", ["prism", "prism+", "swap"])
+def test_deterministic_for_a_seed(policy: str, h200: GPUConfig, cost: CostModel) -> None:
+    """Two runs of one seeded workload give the same latencies and counters."""
+    w = bursty_groups(8, 300, 6.0, seed=5)
+    ms = models(*["llama-3.2-1b", "llama-3.2-3b", "qwen3-1.7b", "llama-3.1-8b"] * 2)
+    a, _ = run(w, ms, policy, 2, h200, cost)
+    b, _ = run(w, ms, policy, 2, h200, cost)
+    np.testing.assert_array_equal(a.ttft, b.ttft)
+    np.testing.assert_array_equal(a.tpot, b.tpot)
+    assert (a.wakes, a.sleeps, a.migrations) == (b.wakes, b.sleeps, b.migrations)
+
+
+def test_a_lone_request_takes_the_closed_form_time(h200: GPUConfig, cost: CostModel) -> None:
+    """Static, one request: TTFT = one prefill step; TPOT = the mean decode step, whose
+    KV grows one token a step (linear, so the mean is the step at the mean context)."""
+    ms = models("llama-3.1-8b")
+    prompt, output = 1024, 65
+    r, _ = run(workload([(1.0, 0)], prompt, output, 1, 10.0), ms, "static", 1, h200, cost)
+    shape = ms[0].shape
+    assert r.ttft[0] == pytest.approx(cost.prefill_s(shape, prompt), rel=1e-9)
+    steps = [cost.decode_s(shape, 1, prompt + i) for i in range(output - 1)]
+    assert r.tpot[0] == pytest.approx(sum(steps) / len(steps), rel=1e-4)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks(h200: GPUConfig, cost: CostModel) -> None:
+    """5,000 tokens with a 2,048-token step budget: three chunks, attention over the cache."""
+    ms = models("llama-3.2-3b")
+    r, _ = run(workload([(0.0, 0)], 5000, 1, 1, 10.0), ms, "static", 1, h200, cost)
+    shape = ms[0].shape
+    chunks = [(2048, 0), (2048, 2048), (904, 4096)]
+    assert r.ttft[0] == pytest.approx(sum(cost.prefill_s(shape, n, o) for n, o in chunks))
+    assert r.tpot[0] == 0.0  # one output token: no time per further token
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_one_model_at_low_rate_meets_every_slo(
+    policy: str, h200: GPUConfig, cost: CostModel
+) -> None:
+    """0.2 req/s of a 3B model on its own GPU: every request within 1 s TTFT, 50 ms TPOT
+    (a first wake included)."""
+    ms = models("llama-3.2-3b", ttft_s=1.0, tpot_s=0.05)
+    w = workload([(5.0 * i, 0) for i in range(120)], 1500, 200, 1, 600.0)
+    r, _ = run(w, ms, policy, 1, h200, cost)
+    assert r.attainment(*_slos(ms)) == {"ttft": 1.0, "tpot": 1.0, "both": 1.0}
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_model_over_capacity_misses_its_slos(
+    policy: str, h200: GPUConfig, cost: CostModel
+) -> None:
+    """50 req/s of 4k-token prompts on an 8B model needs ~5 GPUs of prefill: on one, the
+    queue grows without bound and almost every TTFT SLO is missed."""
+    ms = models("llama-3.1-8b", ttft_s=1.0, tpot_s=0.05)
+    w = workload([(0.02 * i, 0) for i in range(3000)], 4096, 16, 1, 60.0)
+    r, _ = run(w, ms, policy, 1, h200, cost)
+    assert r.attainment(*_slos(ms))["ttft"] < 0.2
+
+
+def test_alternating_models_thrash_under_swap_not_prism(h200: GPUConfig, cost: CostModel) -> None:
+    """A and B take turns, one request a second, on one GPU. `swap` swaps on nearly every
+    request and misses the 300 ms TTFT SLO of most; `prism` wakes each model once and
+    keeps both resident."""
+    ms = models("llama-3.2-3b", "llama-3.2-3b", ttft_s=0.3, tpot_s=0.05)
+    w = workload([(1.0 * i, i % 2) for i in range(120)], 512, 64, 2, 120.0)
+    swap, _ = run(w, ms, "swap", 1, h200, cost)
+    prism, _ = run(w, ms, "prism", 1, h200, cost)
+    assert sum(swap.wakes.values()) >= 110
+    assert sum(prism.wakes.values()) == 2 and sum(prism.sleeps.values()) == 0
+    assert prism.attainment(*_slos(ms))["ttft"] == 1.0
+    assert swap.attainment(*_slos(ms))["ttft"] < 0.5
+
+
+def test_kv_shortage_preempts_and_still_finishes(cost: CostModel) -> None:
+    """A GPU with 2 GiB of KV room and long outputs: requests are preempted (recompute)
+    and every one still finishes; no page is lost."""
+    ms = models("llama-3.2-1b")
+    small = GPUConfig(memory_bytes=8 * GiB, headroom_bytes=GiB + GiB // 2)
+    w = workload([(0.05 * i, 0) for i in range(64)], 2000, 1500, 1, 10.0)
+    r, _ = run(w, ms, "prism", 1, small, cost)
+    assert r.finished.all()
+    assert r.preemptions.sum() > 0
+
+
+def test_static_drops_models_without_a_gpu(h200: GPUConfig, cost: CostModel) -> None:
+    """Three models, two GPUs: the least busy model has no GPU and is not served."""
+    ms = models("llama-3.2-1b", "llama-3.2-1b", "llama-3.2-1b")
+    arrivals = [(0.5 * i, 0) for i in range(10)] + [(0.5 * i + 0.1, 1) for i in range(6)]
+    w = workload(sorted([*arrivals, (3.3, 2)]), 100, 10, 3, 10.0)
+    r, sim = run(w, ms, "static", 2, h200, cost)
+    assert r.dropped == 1 and 2 not in sim.homes
+
+
+def test_static_gives_spare_gpus_to_the_busiest_model(h200: GPUConfig, cost: CostModel) -> None:
+    ms = models("llama-3.2-1b", "llama-3.2-1b")
+    arrivals = [(0.1 * i, 0) for i in range(90)] + [(1.0 * i + 0.05, 1) for i in range(9)]
+    w = workload(sorted(arrivals), 100, 10, 2, 10.0)
+    r, sim = run(w, ms, "static", 4, h200, cost)
+    assert len(sim.homes[0]) == 3 and len(sim.homes[1]) == 1
+    assert r.finished.all()
+
+
+def test_spatial_quotas_fit_the_gpu(h200: GPUConfig, cost: CostModel) -> None:
+    """Every model resident from the start; weights plus KV quotas within the budget."""
+    ms = models("llama-3.1-8b", "llama-3.2-3b", "llama-3.2-1b", "qwen3-1.7b")
+    w = bursty_groups(4, 120, 4.0, seed=0)
+    r, sim = run(w, ms, "spatial", 1, h200, cost)
+    gpu = sim.gpus[0]
+    assert len(gpu.instances) == 4 and sum(r.wakes.values()) == 0
+    quota = sum(i.kv.account.max_pages + i.weights.num_pages for i in gpu.instances.values())
+    assert quota * gpu.config.page_size <= gpu.config.budget_bytes
+
+
+def test_memory_trace_follows_each_model(h200: GPUConfig, cost: CostModel) -> None:
+    """Samples every 10 s; a model's memory is its weights (+ workspace) and KV while
+    resident, nothing before its first request."""
+    ms = models("llama-3.2-3b", "llama-3.2-1b")
+    w = workload([(30.0, 0), (31.0, 0), (70.0, 1)], 800, 50, 2, 100.0)
+    r, _ = run(w, ms, "prism", 1, h200, cost)
+    assert r.memory is not None
+    times, weights, kv = r.memory.arrays()
+    assert len(times) >= 10
+    assert weights[0].sum() == 0  # t = 0: nothing resident
+    at_40 = int(np.searchsorted(times, 40.0))
+    assert weights[at_40, 0] >= ms[0].shape.weight_bytes and weights[at_40, 1] == 0
+    assert kv[at_40, 0] > 0
+
+
+def test_prism_plus_migrates_less_than_prism(h200: GPUConfig, cost: CostModel) -> None:
+    """Hysteresis and a move cap: fewer migrations than the bare KV-pressure rule."""
+    ms = models(*["llama-3.2-1b", "llama-3.2-3b", "qwen3-1.7b", "llama-3.1-8b"] * 2)
+    w = bursty_groups(8, 600, 6.0, seed=1, period_s=120)
+    plain, _ = run(w, ms, "prism", 2, h200, cost)
+    plus, _ = run(w, ms, "prism+", 2, h200, cost)
+    assert plus.migrations < plain.migrations
+
+
+def test_slo_deadlines_come_from_the_models(h200: GPUConfig, cost: CostModel) -> None:
+    ms = [replace(m, ttft_slo_s=0.25) for m in models("llama-3.2-1b")]
+    sim = Simulator(workload([(1.0, 0)], 10, 2, 1, 5.0), ms, make_policy("prism"),
+                    SimConfig(1, h200), cost)  # fmt: skip
+    sim.run()
+    assert sim.requests[0].deadline == pytest.approx(1.25)
