@@ -162,16 +162,17 @@ def shift_arrivals(
 def shift(args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = EngineConfig(max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192)
     rows = []
-    arrivals = shift_arrivals(args.rate, args.seconds, args.prompt, args.output, seed=1)
-    for mode in (WorkerMode.STATIC, WorkerMode.PRISM):
-        worker = two_model_worker(mode, args.preset, int(args.kv_gib * GiB), engine)
-        replay(worker, shift_arrivals(4.0, 3.0, args.prompt, 16, seed=2))  # warm-up
-        result = replay(worker, arrivals)
-        worker.check_integrity()
-        worker.close()
-        torch.cuda.empty_cache()
-        rows.append({"mode": mode.value, "preset": args.preset, "kv_gib": args.kv_gib,
-                     "rate": args.rate, "seconds": args.seconds, **result})  # fmt: skip
+    for rate in args.rates:
+        arrivals = shift_arrivals(rate, args.seconds, args.prompt, args.output, seed=1)
+        for mode in (WorkerMode.STATIC, WorkerMode.PRISM):
+            worker = two_model_worker(mode, args.preset, int(args.kv_gib * GiB), engine)
+            replay(worker, shift_arrivals(4.0, 3.0, args.prompt, 16, seed=2))  # warm-up
+            result = replay(worker, arrivals)
+            worker.check_integrity()
+            worker.close()
+            torch.cuda.empty_cache()
+            rows.append({"mode": mode.value, "preset": args.preset, "kv_gib": args.kv_gib,
+                         "rate": rate, "seconds": args.seconds, **result})  # fmt: skip
     return rows
 
 
@@ -217,7 +218,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--preset", default="llama-3.2-3b")
     parser.add_argument("--kv-gib", type=float, default=12.0, help="KV memory of both models")
-    parser.add_argument("--rate", type=float, default=14.0, help="requests/s, both models")
+    parser.add_argument(
+        "--rates",
+        type=lambda t: [float(x) for x in t.split(",")],
+        default=[8.0, 11.0, 14.0],
+        help="requests/s of both models together, comma list",
+    )
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--output", type=int, default=256)
@@ -249,7 +255,7 @@ def main() -> None:
         results["shift"] = shift(args)
         save()
         for r in results["shift"]:
-            print(f"shift {r['mode']:<7} ttft mean {r['ttft_mean_s']:6.3f}s "
+            print(f"shift {r['rate']:4.1f}/s {r['mode']:<7} ttft mean {r['ttft_mean_s']:6.3f}s "
                   f"p99 {r['ttft_p99_s']:6.3f}s tpot {r['tpot_mean_s'] * 1e3:5.1f}ms "
                   f"{r['throughput_tok_s']:7.0f} tok/s")  # fmt: skip
     if "steady" in parts:

@@ -36,6 +36,28 @@ class WeightSpec:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
+def layout(specs: Sequence[WeightSpec]) -> tuple[list[int], int]:
+    """Byte offset of each tensor in an arena, and the arena's size."""
+    offsets: list[int] = []
+    end = 0
+    for spec in specs:
+        offsets.append(end)
+        end += -(-spec.nbytes // _ALIGN) * _ALIGN
+    return offsets, end
+
+
+def views_over(flat: torch.Tensor, specs: Sequence[WeightSpec]) -> dict[str, torch.Tensor]:
+    """Typed views of a flat uint8 buffer laid out as an arena of `specs` lays it out:
+    a host copy in this layout is copied into the arena in large contiguous runs."""
+    offsets, end = layout(specs)
+    if flat.dtype != torch.uint8 or flat.numel() < end:
+        raise ValueError(f"need a uint8 buffer of at least {end} bytes, got {flat.numel()}")
+    return {
+        spec.name: typed_view(flat[off : off + spec.nbytes], spec.dtype, spec.shape)
+        for spec, off in zip(specs, offsets, strict=True)
+    }
+
+
 class WeightArena:
     """Named weight tensors over one elastic range, resident or not as a whole."""
 
@@ -44,21 +66,12 @@ class WeightArena:
     ) -> None:
         self.name = name
         self.pool = pool
-        offsets: list[int] = []
-        end = 0
-        for spec in specs:
-            offsets.append(end)
-            end += -(-spec.nbytes // _ALIGN) * _ALIGN
+        offsets, end = layout(specs)
         self.nbytes = end
         self._range = ElasticTensor(pool.vmm, (max(end, 1),), torch.uint8)
         self.num_pages = self._range.num_pages
         # views[name] has the spec's shape and dtype; valid to touch only while resident
-        self.views = {
-            spec.name: typed_view(
-                self._range.tensor[off : off + spec.nbytes], spec.dtype, spec.shape
-            )
-            for spec, off in zip(specs, offsets, strict=True)
-        }
+        self.views = views_over(self._range.tensor, specs)
         # (first page past the tensor's end, name) in layout order: a tensor may be
         # written once every page up to that one is mapped
         self._ends = [
@@ -78,11 +91,19 @@ class WeightArena:
         return self._range.mapped_pages == self.num_pages
 
     def materialize(
-        self, fill: Callable[[str, torch.Tensor], None] | None = None, chunk_pages: int = 256
+        self,
+        fill: Callable[[str, torch.Tensor], None] | None = None,
+        chunk_pages: int = 32,
+        *,
+        source: torch.Tensor | None = None,
     ) -> bool:
-        """Map every page; False if no memory. With `fill`, each tensor is handed to
-        `fill(name, view)` as soon as its pages are mapped, so an asynchronous copy into
-        it overlaps the mapping of the pages after it."""
+        """Map every page; False if no memory. With `source` (a flat uint8 buffer in the
+        arena's layout, see `views_over`), each run of `chunk_pages` pages is copied from
+        it (asynchronously on the current stream) as soon as it is mapped, so the copy
+        runs alongside the mapping of the pages after it and ends one run behind it.
+        With `fill`, each tensor is handed to `fill(name, view)` once its pages are mapped."""
+        if source is not None and source.numel() < self.nbytes:
+            raise ValueError(f"{self.name}: source has {source.numel()} bytes, need {self.nbytes}")
         with self._lock:
             if self.resident:
                 return True
@@ -93,6 +114,12 @@ class WeightArena:
             for first in range(0, self.num_pages, chunk_pages):
                 self._range.map(first, pages[first : first + chunk_pages])
                 mapped = min(first + chunk_pages, self.num_pages)
+                if source is not None:
+                    lo, hi = (
+                        first * self._range.page_size,
+                        min(mapped * self._range.page_size, self.nbytes),
+                    )
+                    self._range.tensor[lo:hi].copy_(source[lo:hi], non_blocking=True)
                 while fill is not None and ready < len(self._ends):
                     end, name = self._ends[ready]
                     if end > mapped:

@@ -17,6 +17,7 @@ import torch
 from prism.engine.engine import Engine, EngineConfig
 from prism.kvcache import ElasticKVCache, KVCacheConfig
 from prism.memory import PagePool, WeightArena
+from prism.memory.weight_arena import layout, views_over
 from prism.models.checkpoint import open_checkpoint
 from prism.models.config import ModelConfig
 from prism.models.llama import LlamaModel
@@ -49,12 +50,12 @@ class ModelSlot:
         checkpoint = open_checkpoint(spec.source, spec.load_format)  # type: ignore[arg-type]
         self.config: ModelConfig = checkpoint.config
         self.tokenizer = checkpoint.load_tokenizer()
-        # The host copy that every wake copies from (pinned, so the copy runs at PCIe speed).
+        # The host copy that every wake copies from: one flat buffer laid out as the weight
+        # arena is, pinned on CUDA so that it is copied at PCIe speed in large runs.
+        specs = weight_specs(self.config, self.dtype)
         pinned = device.startswith("cuda")
-        self.host = {
-            s.name: torch.empty(s.shape, dtype=s.dtype, pin_memory=pinned)
-            for s in weight_specs(self.config, self.dtype)
-        }
+        self.host_flat = torch.empty(layout(specs)[1], dtype=torch.uint8, pin_memory=pinned)
+        self.host = views_over(self.host_flat, specs)
         if checkpoint.format == "dummy" and pinned:
             # Random weights are made on the GPU (fast) and copied down, a tensor at a time.
             for i, (name, host) in enumerate(self.host.items()):
@@ -101,17 +102,19 @@ class ModelSlot:
         if self.engine is not None and not self.engine.kv_cache.wake():
             return False
 
-        def copy_in(name: str, view: torch.Tensor) -> None:  # DMA overlaps further mapping
-            view.copy_(self.host[name], non_blocking=True)
-
-        if not self.arena.materialize(copy_in):
+        # The copy of each run of pages overlaps the mapping of the next.
+        if not self.arena.materialize(source=self.host_flat):
             if self.engine is not None:
                 self.engine.kv_cache.sleep()
             return False
         if self.device.startswith("cuda"):
             torch.cuda.current_stream().synchronize()
         if self.engine is None:
-            self.engine = self._build_engine()
+            try:
+                self.engine = self._build_engine()
+            except MemoryError:  # no page for the KV cache's first group: try again later
+                self.arena.evict()
+                return False
         self.state = ModelState.ACTIVE
         self.wakes += 1
         self.last_used = time.monotonic()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from prism.memory import HostVMM, PagePool, WeightArena, WeightSpec
+from prism.memory.weight_arena import layout, views_over
 
 PAGE = 64 << 10
 
@@ -61,4 +63,26 @@ def test_materialize_without_memory_is_false_and_changes_nothing() -> None:
     assert not arena.materialize()
     assert pool.tenant("m/weights").num_owned == 0
     pool.check_integrity()
+    arena.close()
+
+
+def test_materialize_from_a_flat_source_copies_every_tensor() -> None:
+    """A host buffer in the arena's layout is copied in runs of pages; every tensor
+    arrives intact, whatever the run length, wake after wake."""
+    specs = _specs()
+    flat = torch.zeros(layout(specs)[1], dtype=torch.uint8)
+    host = views_over(flat, specs)
+    for i, view in enumerate(host.values()):
+        view.copy_(torch.randn(view.shape, generator=torch.Generator().manual_seed(i)))
+    pool = PagePool(HostVMM(PAGE), 8 << 20)
+    arena = WeightArena("m/weights", specs, pool)
+    for chunk in (1, 2, 32):
+        assert arena.materialize(chunk_pages=chunk, source=flat)
+        assert all(torch.equal(arena.views[n], host[n]) for n in host)
+        arena.evict()
+        pool.check_integrity()
+    with pytest.raises(ValueError, match="source has"):
+        arena.materialize(source=flat[:100])
+    with pytest.raises(ValueError, match="uint8 buffer of at least"):
+        views_over(flat[:100], specs)
     arena.close()
