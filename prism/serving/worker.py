@@ -94,8 +94,10 @@ class DeviceWorker:
         self._pending: deque[_Pending] = deque()
         self._owner: dict[str, str] = {}  # request id -> model name
         self._turn = 0
-        # Priority of the model on whose behalf memory is being taken right now (the
-        # worker is single-threaded): busy models are preempted only for higher priority.
+        # The model on whose behalf memory is being taken right now, and its priority
+        # (the worker is single-threaded): busy models are preempted only for higher
+        # priority, or for an equal one when they hold more than a fair share of the KV.
+        self._acting: str | None = None
         self._acting_priority = 0
         self._protected: set[str] = set()  # woken this step: not to be slept before it runs
 
@@ -103,11 +105,23 @@ class DeviceWorker:
 
     def add_model(self, spec: ModelSpec) -> ModelSlot:
         """Load a model's weights into host memory (state CACHED); `static` mode wakes it."""
+        self.check_new(spec)
+        return self.adopt(ModelSlot(spec, self.config.device, self.pool))
+
+    def check_new(self, spec: ModelSpec) -> None:
+        """Raise ValueError if `spec` cannot join this worker (checked before loading)."""
         if spec.name in self.models:
             raise ValueError(f"model {spec.name!r} is already on this worker")
         if self.config.mode is WorkerMode.STATIC and spec.max_kv_bytes is None:
             raise ValueError(f"static mode: model {spec.name!r} needs max_kv_bytes (its share)")
-        slot = ModelSlot(spec, self.config.device, self.pool)
+
+    def adopt(self, slot: ModelSlot) -> ModelSlot:
+        """Take a slot built (its host copy loaded) elsewhere, e.g. on another thread so
+        loading does not stall the models stepping here. It must be over this pool."""
+        if slot.pool is not self.pool:
+            raise ValueError(f"model {slot.spec.name!r} was built over another page pool")
+        spec = slot.spec
+        self.check_new(spec)
         self.models[spec.name] = slot
         if self.config.mode is WorkerMode.STATIC and not self.wake(spec.name):
             self.remove_model(spec.name)
@@ -132,7 +146,7 @@ class DeviceWorker:
                     if other.holds_kv or other.spec.name in self._protected:
                         return False  # the resident model finishes first
                     other.sleep()
-        self._acting_priority = slot.spec.priority
+        self._acting, self._acting_priority = name, slot.spec.priority
         if not slot.wake():
             return False
         self._protected.add(name)
@@ -185,17 +199,40 @@ class DeviceWorker:
         return slot.sleep() if self._can_sleep(slot) else 0
 
     def _relieve(self, name: str, pages: int) -> int:
-        """Asked for a model's live KV: an idle model sleeps; a busy one preempts requests,
-        but only for a model of higher priority — equals preempting each other would
-        recompute forever."""
+        """Asked for a model's live KV: an idle model sleeps; a busy one preempts requests
+        for a model of higher priority, or — between equals — only what it holds beyond
+        its fair share, and only for a model below its own. Equals preempting each other
+        freely would recompute forever; a model kept from the memory it lent out would
+        wait on the other's whole backlog."""
         slot = self.models[name]
         if slot.state is not ModelState.ACTIVE or slot.engine is None:
             return 0
         if self._can_sleep(slot):
             return slot.sleep()
-        if slot.spec.priority >= self._acting_priority or not slot.holds_kv:
+        if not slot.holds_kv:
             return 0
-        return slot.engine.release_memory(pages)
+        if slot.spec.priority < self._acting_priority:
+            return slot.engine.release_memory(pages)
+        if slot.spec.priority > self._acting_priority or self._acting is None:
+            return 0
+        share = self._fair_kv_share()
+        excess = self._kv_pages(name) - share
+        if self._kv_pages(self._acting) >= share or excess <= 0:
+            return 0
+        return slot.engine.release_memory(min(pages, excess))
+
+    def _kv_pages(self, name: str) -> int:
+        engine = self.models[name].engine
+        return 0 if engine is None else engine.kv_cache.account.num_owned
+
+    def _fair_kv_share(self) -> int:
+        """KV pages per model with work (running, queued, or waiting to wake — the model
+        taking memory now included): the budget less their weights, split evenly."""
+        waiting = {p.model for p in self._pending} | {self._acting}
+        busy = [s for n, s in self.models.items() if not s.idle or n in waiting]
+        page = self.pool.page_size
+        weights = sum(-(-s.weight_bytes // page) for s in busy)
+        return max(0, self.pool.budget_pages - weights) // max(1, len(busy))
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -252,7 +289,7 @@ class DeviceWorker:
             if slot.state is not ModelState.ACTIVE:
                 continue  # slept for an earlier model of this round (it had nothing running)
             assert slot.engine is not None
-            self._acting_priority = slot.spec.priority
+            self._acting, self._acting_priority = name, slot.spec.priority
             self._protected.add(name)  # its own weights are not to be taken mid-step
             try:
                 step_outputs = slot.engine.step()

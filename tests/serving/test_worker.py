@@ -145,3 +145,34 @@ def test_worker_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="already on this worker"):
         worker.add_model(ModelSpec("a", TINY, load_format="dummy"))
     worker.close()
+
+
+def test_equal_priority_model_gets_its_fair_share_back_without_waiting() -> None:
+    """A fills the whole pool with a long backlog; B's request (same priority) takes back
+    memory above A's fair share by preempting A, instead of waiting out A's backlog."""
+    worker = _worker(6)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    a_ids = [worker.submit("a", _prompt(i, 900), params) for i in range(16)]
+    counts = {i: 0 for i in a_ids}
+    for _ in range(10):
+        for _, out in worker.step():
+            counts[out.request_id] += len(out.new_token_ids)
+    a_engine = worker.models["a"].engine
+    assert a_engine is not None and len(a_engine.scheduler.running) > 1
+    b_id = worker.submit("b", _prompt(99, 900), params)
+    counts[b_id] = 0
+    finished: set[str] = set()
+    while not counts[b_id]:
+        for _, out in worker.step():
+            counts[out.request_id] += len(out.new_token_ids)
+            if out.finished:
+                finished.add(out.request_id)
+        worker.check_integrity()
+    assert len(finished) < 8, "b waited for most of a's backlog"
+    preempted = sum(r.num_preemptions for i in a_ids if (r := a_engine.request(i)) is not None)
+    assert preempted > 0
+    for _, out in worker.run_until_idle(max_steps=20_000):
+        counts[out.request_id] += len(out.new_token_ids)
+    assert all(n == params.max_tokens for n in counts.values()), "a request lost tokens"
+    worker.check_integrity()
+    worker.close()
