@@ -159,9 +159,8 @@ def shift_arrivals(
         out.append((t, model, [rng.randrange(1, 30000) for _ in range(n)], params))
 
 
-def shift(args: argparse.Namespace) -> list[dict[str, Any]]:
+def shift(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> None:
     engine = EngineConfig(max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192)
-    rows = []
     for rate in args.rates:
         arrivals = shift_arrivals(rate, args.seconds, args.prompt, args.output, seed=1)
         for mode in (WorkerMode.STATIC, WorkerMode.PRISM):
@@ -173,7 +172,7 @@ def shift(args: argparse.Namespace) -> list[dict[str, Any]]:
             torch.cuda.empty_cache()
             rows.append({"mode": mode.value, "preset": args.preset, "kv_gib": args.kv_gib,
                          "rate": rate, "seconds": args.seconds, **result})  # fmt: skip
-    return rows
+            save()
 
 
 def steady(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -252,8 +251,8 @@ def main() -> None:
                   f"(map only {r['map_only_s'] * 1e3:6.1f}) vs floor {r['floor_s'] * 1e3:7.1f} ms "
                   f"= {r['over_floor']:.2f}x")  # fmt: skip
     if "shift" in parts:
-        results["shift"] = shift(args)
-        save()
+        results["shift"] = []
+        shift(args, results["shift"], save)
         for r in results["shift"]:
             print(f"shift {r['rate']:4.1f}/s {r['mode']:<7} ttft mean {r['ttft_mean_s']:6.3f}s "
                   f"p99 {r['ttft_p99_s']:6.3f}s tpot {r['tpot_mean_s'] * 1e3:5.1f}ms "

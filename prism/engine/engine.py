@@ -181,12 +181,32 @@ class Engine:
 
     def release_memory(self, pages: int) -> int:
         """Give KV pages back to the pool for another model: cached prefixes first, then
-        running requests are preempted (latest first, by recompute). Returns pages freed."""
+        running requests are preempted (by recompute) a page group at a time — the owners
+        of the mapped group that the fewest requests share, so that each round empties a
+        group for the fewest recomputes. Returns pages freed."""
         self.kv.reset_prefix_cache()
         released = self.kv_cache.trim(0)
-        while released < pages and self.scheduler.preempt_latest() is not None:
+        while released < pages:
+            victims = self._cheapest_group_owners()
+            if not victims:
+                break
+            for req in victims:
+                self.scheduler.preempt(req)
+            self.kv.reset_prefix_cache()  # the victims' full blocks went to the prefix cache
             released += self.kv_cache.trim(0)
         return released
+
+    def _cheapest_group_owners(self) -> list[Request]:
+        per_group = self.kv_cache.blocks_per_group
+        owners: dict[int, dict[str, Request]] = {}
+        for req in self.scheduler.running:
+            for block in req.block_ids:
+                owners.setdefault(block // per_group, {})[req.request_id] = req
+        owners.pop(0, None)  # group 0 holds the padding block: it never empties
+        if not owners:
+            return []
+        group = min(owners, key=lambda g: (len(owners[g]), -g))
+        return list(owners[group].values())
 
     def request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)

@@ -114,6 +114,11 @@ class Scheduler:
         self._preempt(victim, ScheduledBatch())
         return victim
 
+    def preempt(self, req: Request) -> None:
+        """Preempt a running request (memory is wanted elsewhere)."""
+        self.running.remove(req)
+        self._preempt(req, ScheduledBatch())
+
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request and free its blocks."""
         if req in self.running:

@@ -176,3 +176,40 @@ def test_equal_priority_model_gets_its_fair_share_back_without_waiting() -> None
     assert all(n == params.max_tokens for n in counts.values()), "a request lost tokens"
     worker.check_integrity()
     worker.close()
+
+
+def test_release_memory_preempts_the_owners_of_one_group_only() -> None:
+    """Taking pages from a busy model preempts the requests of the group that the fewest
+    share — not every running request, as preempting latest-first until a group empties
+    would on an interleaved cache."""
+    worker = _worker(24)
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    ids = [worker.submit("a", _prompt(i, 20 + 40 * i), params) for i in range(12)]
+    for _ in range(60):
+        worker.step()
+    engine = worker.models["a"].engine
+    assert engine is not None
+    engine.kv.reset_prefix_cache()
+    engine.kv_cache.trim(0)  # no spare groups left: the next page must come from requests
+    running = len(engine.scheduler.running)
+    groups = engine.kv_cache.mapped_groups
+    assert running == 12 and groups > 2
+    per_group = engine.kv_cache.blocks_per_group
+    owners: dict[int, set[str]] = {}
+    for req in engine.scheduler.running:
+        for block in req.block_ids:
+            owners.setdefault(block // per_group, set()).add(req.request_id)
+    owners.pop(0)
+    fewest = min(len(o) for o in owners.values())
+    order = [r.request_id for r in engine.scheduler.running][::-1]  # latest first
+    latest_first = next(k for k in range(1, running + 1)
+                        if any(o <= set(order[:k]) for o in owners.values()))  # fmt: skip
+    released = engine.release_memory(1)
+    preempted = [i for i in ids if (r := engine.request(i)) is not None and r.num_preemptions]
+    assert released >= 1 and engine.kv_cache.mapped_groups < groups
+    assert len(preempted) == fewest < latest_first
+    worker.check_integrity()
+    done = {out.request_id for _, out in worker.run_until_idle() if out.finished}
+    assert done == set(ids)
+    worker.check_integrity()
+    worker.close()
