@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,9 +16,30 @@ from prism.models.gguf_loader import iter_gguf_weights
 from prism.models.hf_loader import iter_hf_weights, read_hf_config
 from prism.models.presets import PRESETS
 from prism.models.tokenizer import Tokenizer
-from prism.models.weights import copy_weights, init_dummy_weights
+from prism.models.weights import WeightLoadError, copy_weights, init_dummy_weights
 
 CheckpointFormat = Literal["hf", "gguf", "dummy"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: truncated, corrupt, or of a kind Prism does not
+    support. The message names the file and keeps the parser's message; the parser's own
+    exception is chained as the cause."""
+
+
+@contextmanager
+def _reading(path: Path | None) -> Iterator[None]:
+    """Turn whatever a parser raises on a malformed file into a `CheckpointError`."""
+    try:
+        yield
+    except (CheckpointError, WeightLoadError, FileNotFoundError, PermissionError):
+        raise
+    except MemoryError as e:
+        raise CheckpointError(f"{path}: claims more memory than there is ({e})") from e
+    except Exception as e:  # parsers of three formats raise anything on a bad file
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
 LoadFormat = Literal["auto", "hf", "gguf", "dummy"]
 
 
@@ -43,13 +65,15 @@ class Checkpoint:
         if self.format == "dummy":
             init_dummy_weights(tensors, seed)
         else:
-            copy_weights(tensors, self.iter_weights(), self.config)
+            with _reading(self.path):
+                copy_weights(tensors, self.iter_weights(), self.config)
 
     def load_tokenizer(self) -> Tokenizer | None:
-        if self.reader is not None:
-            return Tokenizer.from_gguf(self.reader)
-        if self.path is not None and (self.path / "tokenizer.json").is_file():
-            return Tokenizer.from_pretrained(self.path)
+        with _reading(self.path):
+            if self.reader is not None:
+                return Tokenizer.from_gguf(self.reader)
+            if self.path is not None and (self.path / "tokenizer.json").is_file():
+                return Tokenizer.from_pretrained(self.path)
         return None
 
 
@@ -72,10 +96,12 @@ def open_checkpoint(
         raise ValueError(f"{path} is a {stored!r} checkpoint, not {load_format!r}")
     fmt: CheckpointFormat = "dummy" if load_format == "dummy" else stored
     if stored == "hf":
-        return Checkpoint(read_hf_config(path), fmt, path)
+        with _reading(path / "config.json"):
+            return Checkpoint(read_hf_config(path), fmt, path)
     gguf_path = path if path.is_file() else _single_gguf(path)
-    reader = gguf.GGUFReader(gguf_path)
-    return Checkpoint(ModelConfig.from_gguf_metadata(reader), fmt, gguf_path, reader)
+    with _reading(gguf_path):
+        reader = gguf.GGUFReader(gguf_path)
+        return Checkpoint(ModelConfig.from_gguf_metadata(reader), fmt, gguf_path, reader)
 
 
 def _stored_format(path: Path) -> Literal["hf", "gguf"]:
