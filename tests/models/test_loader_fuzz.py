@@ -33,7 +33,8 @@ CHILD = textwrap.dedent(
     from prism.models.checkpoint import CheckpointError, open_checkpoint
     from prism.models.weights import WeightLoadError, weight_specs
 
-    kind, seed_path, work, cases = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+    kind, seed_path, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    cases = int(sys.argv[4])
     target_name = "model.safetensors" if kind == "hf" else seed_path.name
     original = (seed_path / target_name if kind == "hf" else seed_path).read_bytes()
     rng = random.Random(1234)
@@ -125,5 +126,5 @@ def test_malformed_config_json_names_the_file(tmp_path: Path, text: str) -> None
 
     build_tiny_hf_model("qwen2-bias").save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(text, errors="surrogateescape")
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         open_checkpoint(tmp_path)
