@@ -23,6 +23,7 @@ import os
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -86,21 +87,49 @@ def wake(bw: float, repeats: int) -> list[dict[str, Any]]:
 # ---- load on two models ------------------------------------------------------------------
 
 
+@dataclass
+class Record:
+    """What happened to one replayed request (times in seconds from the run's start)."""
+
+    model: str
+    arrival: float
+    first_token: float | None = None
+    finished: float | None = None
+    output_tokens: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        if self.finished is None or self.first_token is None or self.output_tokens < 2:
+            return None
+        return (self.finished - self.first_token) / (self.output_tokens - 1)
+
+
 def replay(
-    worker: DeviceWorker, arrivals: list[tuple[float, str, list[int], SamplingParams]]
-) -> dict[str, Any]:
+    worker: DeviceWorker,
+    arrivals: list[tuple[float, str, list[int], SamplingParams]],
+    cutoff_s: float | None = None,
+) -> tuple[dict[str, Any], list[Record]]:
     """Submit each request at its arrival time (seconds from now) while stepping the
-    worker; TTFT counts from the scheduled arrival, so queueing behind a slow step counts."""
+    worker; TTFT counts from the scheduled arrival, so queueing behind a slow step counts.
+    At `cutoff_s` whatever has not finished is aborted (and stays unfinished in the
+    records). Returns a summary and one record per request."""
     start = time.perf_counter()
-    arrived: dict[str, float] = {}
-    first: dict[str, float] = {}
-    done: dict[str, tuple[float, int]] = {}
+    records: dict[str, Record] = {}
     i = 0
     while i < len(arrivals) or worker.has_work():
         now = time.perf_counter() - start
+        if cutoff_s is not None and now > cutoff_s:
+            for rid, rec in records.items():
+                if rec.finished is None:
+                    worker.abort(rid)
+            break
         while i < len(arrivals) and arrivals[i][0] <= now:
             at, model, prompt, params = arrivals[i]
-            arrived[worker.submit(model, prompt, params)] = at
+            records[worker.submit(model, prompt, params)] = Record(model, at)
             i += 1
         if not worker.has_work():
             time.sleep(max(0.0, min(arrivals[i][0] - now, 0.01)))
@@ -108,20 +137,25 @@ def replay(
         outs = worker.step()
         now = time.perf_counter() - start
         for _, out in outs:
-            rid = out.request_id
-            if out.new_token_ids and rid not in first:
-                first[rid] = now
+            rec = records[out.request_id]
+            if out.new_token_ids and rec.first_token is None:
+                rec.first_token = now
             if out.finished:
-                done[rid] = (now, out.num_output_tokens)
+                rec.finished, rec.output_tokens = now, out.num_output_tokens
     makespan = time.perf_counter() - start
-    assert set(done) == set(arrived), "a request was lost"
-    ttft = sorted(first[r] - arrived[r] for r in arrived)
-    tpot = [(done[r][0] - first[r]) / (done[r][1] - 1) for r in arrived if done[r][1] > 1]
-    tokens = sum(n for _, n in done.values())
-    return {"requests": len(arrived), "output_tokens": tokens, "makespan_s": makespan,
-            "throughput_tok_s": tokens / makespan, "ttft_mean_s": statistics.fmean(ttft),
-            "ttft_p50_s": ttft[len(ttft) // 2], "ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))],
-            "tpot_mean_s": statistics.fmean(tpot)}  # fmt: skip
+    done = [r for r in records.values() if r.finished is not None]
+    if cutoff_s is None:
+        assert len(done) == len(records) == len(arrivals), "a request was lost"
+    ttft = sorted(t for r in done if (t := r.ttft) is not None)
+    tpot = [t for r in done if (t := r.tpot) is not None]
+    tokens = sum(r.output_tokens for r in done)
+    summary = {"requests": len(arrivals), "finished": len(done), "output_tokens": tokens,
+               "makespan_s": makespan, "throughput_tok_s": tokens / makespan,
+               "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+               "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
+               "ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))] if ttft else None,
+               "tpot_mean_s": statistics.fmean(tpot) if tpot else None}  # fmt: skip
+    return summary, list(records.values())
 
 
 def two_model_worker(
@@ -166,7 +200,7 @@ def shift(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> No
         for mode in (WorkerMode.STATIC, WorkerMode.PRISM):
             worker = two_model_worker(mode, args.preset, int(args.kv_gib * GiB), engine)
             replay(worker, shift_arrivals(4.0, 3.0, args.prompt, 16, seed=2))  # warm-up
-            result = replay(worker, arrivals)
+            result, _ = replay(worker, arrivals)
             worker.check_integrity()
             worker.close()
             torch.cuda.empty_cache()

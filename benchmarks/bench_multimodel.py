@@ -1,0 +1,273 @@
+"""Eight models on one GPU: `prism` against `static` and `swap` at 99% SLO attainment.
+
+Eight random-weight models of mixed shapes (2 × Llama-3.1-8B, 3 × Llama-3.2-3B,
+3 × Llama-3.2-1B: 55 GiB of bf16 weights) on one GPU whose device budget is capped at
+80 GiB (an H100's memory), all under one `DeviceWorker`:
+
+- `prism`: one elastic pool; idle models sleep, KV caches grow into free memory;
+- `static`: every model resident, the KV memory split in eight fixed shares;
+- `swap`: one model resident at a time, swapped in on demand.
+
+Workload: the ServeGen `language/m-large` client rates (600 s windows, gamma arrivals
+with each window's CV) folded onto the eight models (busiest client group → model 0),
+replayed `--time-scale` times faster so the hot set moves within a run, and scaled to
+each target total rate; prompt/output lengths drawn from the Azure LLM 2023 code trace
+(capped). SLOs per model: scale × its p95 TTFT and TPOT alone on the GPU at light load
+(measured first, in the same run). For each mode the rate rises until attainment falls
+under `--stop-below`; the result per SLO scale is the highest rate whose TTFT and TPOT
+attainment both reached 99%. Requests unfinished at the cutoff count as misses.
+
+Usage: python benchmarks/bench_multimodel.py --traces PATH/traces [--modes prism,static,swap]
+       python benchmarks/bench_multimodel.py --smoke   (CPU, tiny models: checks the script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from bench_worker import Record, replay
+
+from prism.engine import EngineConfig, SamplingParams
+from prism.models.config import ModelConfig
+from prism.models.presets import PRESETS
+from prism.serving.model_slot import ModelSpec
+from prism.serving.worker import DeviceWorker, WorkerConfig, WorkerMode
+from prism.sim.workloads import azure_lengths, servegen
+
+GiB = 1 << 30
+SHAPES = ["llama-3.1-8b"] * 2 + ["llama-3.2-3b"] * 3 + ["llama-3.2-1b"] * 3
+TINY = ModelConfig(
+    architecture="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
+    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5,
+    rope_theta=10000.0, max_position_embeddings=4096,
+)  # fmt: skip
+Arrival = tuple[float, str, list[int], SamplingParams]
+
+
+def model_configs(smoke: bool) -> dict[str, ModelConfig]:
+    return {f"m{i}": TINY if smoke else PRESETS[shape] for i, shape in enumerate(SHAPES)}
+
+
+def build_worker(
+    mode: WorkerMode, configs: dict[str, ModelConfig], args: argparse.Namespace
+) -> DeviceWorker:
+    """All eight models on one worker; engines built (and CUDA graphs captured) before
+    any measurement: each model is woken once."""
+    engine = EngineConfig(
+        max_model_len=args.max_tokens + 64, max_num_seqs=args.max_seqs,
+        max_num_batched_tokens=max(4096, args.max_tokens + 64),
+        cuda_graph_sizes=tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= args.max_seqs),
+    )  # fmt: skip
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    page = 2 << 20 if args.device != "cpu" else 64 << 10
+    weights = sum(-(-c.weight_bytes(dtype) // page) * page for c in configs.values())
+    padding = 8 * len(configs) * page  # KV padding groups (a few pages each)
+    share = (args.budget - weights - padding) // len(configs)
+    if share <= 0:
+        raise SystemExit(f"budget {args.budget / GiB:.1f} GiB does not hold the weights")
+    worker = DeviceWorker(WorkerConfig(device=args.device, budget_bytes=args.budget, mode=mode))
+    for name, config in configs.items():
+        kv = share if mode is WorkerMode.STATIC else None
+        worker.add_model(
+            ModelSpec(name, config, load_format="dummy", engine=engine, max_kv_bytes=kv)
+        )
+        if mode is not WorkerMode.STATIC:  # static mode woke it on adding
+            assert worker.wake(name), f"{name} does not fit"
+            if mode is WorkerMode.SWAP or args.device == "cpu":
+                worker.sleep(name)
+    return worker
+
+
+def workload(args: argparse.Namespace, rate: float, seed: int) -> list[Arrival]:
+    """ServeGen-shaped arrivals for the eight models at `rate` requests/s in all."""
+    lengths = azure_lengths(args.traces, max_tokens=args.max_tokens)
+    kw = dict(traces=args.traces, category=args.category, mapping="fold",
+              time_scale=args.time_scale, lengths=lengths, seed=seed)  # fmt: skip
+    base = servegen(len(SHAPES), args.seconds, **kw)  # type: ignore[arg-type]
+    scaled = servegen(
+        len(SHAPES),
+        args.seconds,
+        rate_scale=rate / base.total_rate,
+        **kw,  # type: ignore[arg-type]
+    )
+    rng = random.Random(seed)
+    vocab = 500 if args.smoke else 30000
+    return [
+        (r.arrival, f"m{r.model}", [rng.randrange(1, vocab) for _ in range(r.prompt_tokens)],
+         SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True))
+        for r in sorted(scaled.requests, key=lambda r: r.arrival)
+    ]  # fmt: skip
+
+
+def solo_slos(args: argparse.Namespace, configs: dict[str, ModelConfig]) -> dict[str, Any]:
+    """p95 TTFT and TPOT of each model alone on the GPU (prism mode, nothing else busy),
+    at light load: Poisson arrivals at `--solo-rate` for `--solo-seconds`."""
+    worker = build_worker(WorkerMode.PRISM, configs, args)
+    lengths = azure_lengths(args.traces, max_tokens=args.max_tokens)
+    out = {}
+    for i, name in enumerate(configs):
+        rng = random.Random(100 + i)
+        n = max(8, int(args.solo_rate * args.solo_seconds))
+        prompts, outputs = lengths.sample(np.random.default_rng(100 + i), n)
+        t, arrivals = 0.0, []
+        for p, o in zip(prompts, outputs, strict=True):
+            t += rng.expovariate(args.solo_rate)
+            params = SamplingParams(max_tokens=int(o), temperature=0.0, ignore_eos=True)
+            arrivals.append((t, name, [rng.randrange(1, 500) for _ in range(int(p))], params))
+        _, records = replay(worker, arrivals)
+        ttft = sorted(r.ttft for r in records if r.ttft is not None)
+        tpot = sorted(r.tpot for r in records if r.tpot is not None)
+        out[name] = {"ttft_p95_s": _p95(ttft), "tpot_p95_s": _p95(tpot), "requests": n}
+        worker.sleep(name)
+    worker.check_integrity()
+    worker.close()
+    return out
+
+
+def _p95(values: list[float]) -> float:
+    return values[min(len(values) - 1, int(0.95 * len(values)))] if values else 0.0
+
+
+def attainment(records: list[Record], slos: dict[str, Any], scale: float) -> dict[str, float]:
+    """Share of requests that met their model's TTFT (and TPOT) SLO; unfinished ones miss."""
+    ttft_ok = tpot_ok = 0
+    for r in records:
+        slo = slos[r.model]
+        if r.ttft is not None and r.ttft <= scale * slo["ttft_p95_s"]:
+            ttft_ok += 1
+        if r.finished is not None and (r.tpot is None or r.tpot <= scale * slo["tpot_p95_s"]):
+            tpot_ok += 1
+    n = max(1, len(records))
+    return {"ttft": ttft_ok / n, "tpot": tpot_ok / n}
+
+
+def sweep(
+    mode: WorkerMode, configs: dict[str, ModelConfig], slos: dict[str, Any],
+    args: argparse.Namespace, save: Any,
+) -> list[dict[str, Any]]:  # fmt: skip
+    worker = build_worker(mode, configs, args)
+    replay(worker, workload(args, args.rates[0], seed=99)[: 4 * len(configs)])  # warm-up
+    rows: list[dict[str, Any]] = []
+    for rate in args.rates:
+        started = time.perf_counter()
+        summary, records = replay(
+            worker, workload(args, rate, seed=1), cutoff_s=args.seconds + args.grace
+        )
+        worker.run_until_idle()  # aborted requests leave nothing behind
+        worker.check_integrity()
+        stats = worker.stats()
+        row = {
+            "mode": mode.value, "rate": rate, **summary,
+            "attainment": {str(s): attainment(records, slos, s) for s in args.slo_scales},
+            "wakes": sum(m.wakes for m in stats.models),
+            "sleeps": sum(m.sleeps for m in stats.models),
+            "wall_s": time.perf_counter() - started,
+        }  # fmt: skip
+        rows.append(row)
+        save()
+        main_scale = str(args.slo_scales[0])
+        att = row["attainment"][main_scale]
+        print(f"{mode.value:<7} {rate:6.2f} req/s: TTFT {att['ttft']:.3f} TPOT {att['tpot']:.3f} "
+              f"(SLO x{main_scale}) finished {summary['finished']}/{summary['requests']} "
+              f"wakes {row['wakes']}", flush=True)  # fmt: skip
+        if min(att.values()) < args.stop_below:
+            break
+    worker.close()
+    if args.device != "cpu":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def best_rates(rows: list[dict[str, Any]], scales: list[float]) -> dict[str, dict[str, float]]:
+    """Per mode and SLO scale: the highest rate with TTFT and TPOT attainment ≥ 99%."""
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        for s in scales:
+            att = row["attainment"][str(s)]
+            if min(att.values()) >= 0.99:
+                best = out.setdefault(row["mode"], {})
+                best[str(s)] = max(best.get(str(s), 0.0), row["rate"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    floats = lambda t: [float(x) for x in t.split(",")]  # noqa: E731
+    parser.add_argument("--traces", default=str(Path(__file__).parents[2] / "shared" / "traces"))
+    parser.add_argument("--out", default="bench_multimodel.json")
+    parser.add_argument("--modes", default="prism,static,swap")
+    parser.add_argument("--rates", type=floats, default=[1, 2, 4, 6, 8, 12, 16, 24, 32])
+    parser.add_argument("--slo-scales", type=floats, default=[5.0, 2.0, 10.0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="arrivals per run")
+    parser.add_argument("--grace", type=float, default=30.0, help="cutoff after the last arrival")
+    parser.add_argument("--time-scale", type=float, default=60.0, help="trace seconds per second")
+    parser.add_argument("--category", default="language/m-large")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="prompt + output cap")
+    parser.add_argument("--max-seqs", type=int, default=128)
+    parser.add_argument("--budget-gib", type=float, default=80.0)
+    parser.add_argument("--solo-rate", type=float, default=0.5)
+    parser.add_argument("--solo-seconds", type=float, default=30.0)
+    parser.add_argument("--stop-below", type=float, default=0.9)
+    parser.add_argument("--slos", help="JSON file with solo SLOs from an earlier run (skips them)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, short runs")
+    args = parser.parse_args()
+    args.device = "cpu" if args.smoke else "cuda"
+    args.budget = int(args.budget_gib * GiB)
+    if args.smoke:
+        args.budget, args.seconds, args.grace, args.max_tokens = 64 << 20, 4.0, 20.0, 256
+        args.rates, args.solo_seconds, args.solo_rate, args.max_seqs = [2, 4], 4.0, 2.0, 16
+        torch.set_num_threads(1)
+    configs = model_configs(args.smoke)
+    results: dict[str, Any] = {
+        "benchmark": "bench_multimodel",
+        "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": os.environ.get("PRISM_COMMIT", "unknown"),
+        "models": dict(zip(configs, SHAPES, strict=True)),
+        "budget_gib": args.budget / GiB,
+        "weights_gib": sum(c.weight_bytes(torch.bfloat16) for c in configs.values()) / GiB,
+        "args": {k: v for k, v in vars(args).items() if k not in ("budget",)},
+    }
+
+    def save() -> None:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+    if args.slos:
+        results["solo"] = json.loads(Path(args.slos).read_text())["solo"]
+    else:
+        results["solo"] = solo_slos(args, configs)
+        save()
+    rows: list[dict[str, Any]] = results.setdefault("runs", [])
+    for mode in args.modes.split(","):
+        rows += sweep(WorkerMode(mode), configs, results["solo"], args, save)
+        results["best_rate"] = best_rates(rows, args.slo_scales)
+        save()
+    best = results["best_rate"]
+    print("\nhighest rate with ≥ 99% TTFT and TPOT attainment (req/s):")
+    for s in args.slo_scales:
+        cells = {m: best.get(m, {}).get(str(s), 0.0) for m in args.modes.split(",")}
+        line = "  ".join(f"{m} {r:5.1f}" for m, r in cells.items())
+        ratios = "  ".join(
+            f"prism/{m} {cells['prism'] / r:.2f}x" for m, r in cells.items() if m != "prism" and r
+        ) if "prism" in cells else ""  # fmt: skip
+        print(f"SLO x{s:<4}: {line}   {ratios}")
+    solo = statistics.fmean(v["ttft_p95_s"] for v in results["solo"].values())
+    print(f"solo p95 TTFT, mean over models: {solo:.3f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
