@@ -43,7 +43,7 @@ from prism.engine.request import FinishReason
 from prism.engine.sampling_params import SamplingParams
 from prism.memory import PoolError, PoolStats
 from prism.models.tokenizer import Tokenizer
-from prism.serving.model_slot import ModelSlot, ModelState
+from prism.serving.model_slot import ModelSlot, ModelSpec, ModelState
 from prism.serving.worker import DeviceWorker, ModelStats, StepError, WorkerMode, WorkerStats
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class AsyncModel:
         self.tokenizer: Tokenizer | None = slot.tokenizer
         self.vocab_size = slot.config.vocab_size
         self.weight_bytes = slot.weight_bytes
+        self.kv_bytes_per_token = slot.config.kv_bytes_per_token(slot.dtype)
         self.max_requests = self.config.max_num_seqs + max_waiting
         self.worker = worker
         self._slot = slot
@@ -213,7 +214,7 @@ class AsyncWorker:
         return self._stats
 
     def num_in_flight(self, model: str) -> int:
-        return len(self._streams[model])
+        return len(self._streams.get(model, ()))
 
     async def add_request(
         self, model: str, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -227,6 +228,8 @@ class AsyncWorker:
         with self._cond:
             if self._stopping:
                 raise EngineClosed(f"the worker of {self.device} is shut down")
+            if model not in self._streams:  # removed since `_model` found it
+                raise KeyError(f"unknown model {model!r}; on this worker: {sorted(self.models)}")
             if any(request_id in streams for streams in self._streams.values()):
                 raise ValueError(f"request id {request_id!r} is already in use")
             if not owner.has_capacity(1):
@@ -258,6 +261,33 @@ class AsyncWorker:
     def abort(self, request_id: str) -> None:
         """Abort a request; its stream (if still open) gets a final ABORT output."""
         self._submit(_Abort(request_id))
+
+    async def add_model(
+        self, spec: ModelSpec, max_waiting: int = DEFAULT_MAX_WAITING
+    ) -> AsyncModel:
+        """Load a model into host memory (CACHED) and serve it. The weights are read on a
+        helper thread, so the models already here keep stepping meanwhile."""
+        await self.call(partial(self.worker.check_new, spec))  # fail before loading
+        slot = await asyncio.to_thread(ModelSlot, spec, self.device, self.worker.pool)
+        try:
+            await self.call(partial(self.worker.adopt, slot))
+        except MemoryError:
+            raise  # static mode could not wake it: the worker has closed it
+        except BaseException:
+            if self.worker.models.get(spec.name) is not slot:  # not adopted after all
+                slot.close()
+            raise
+        model = AsyncModel(self, slot, max_waiting)
+        with self._cond:
+            self._streams[spec.name] = {}
+            self.models[spec.name] = model
+        return model
+
+    async def remove_model(self, model: str) -> None:
+        """Stop serving `model` and free its host copy and device memory. Raises
+        `ModelConflict` while it has requests in flight."""
+        self._model(model)
+        await self.call(partial(self._remove_now, model))
 
     async def wake(self, model: str) -> bool:
         """Make `model` resident; False if the memory cannot be had now."""
@@ -305,7 +335,8 @@ class AsyncWorker:
     def _release(self, model: str, request_id: str) -> None:
         """A stream was closed: abort its request unless the worker is done with it."""
         with self._cond:
-            if self._streams[model].pop(request_id, None) is not None:
+            streams = self._streams.get(model, {})
+            if streams.pop(request_id, None) is not None:
                 self._commands.append(_Abort(request_id))
                 self._cond.notify()
 
@@ -401,7 +432,7 @@ class AsyncWorker:
 
     def _deliver(self, model: str, output: RequestOutput) -> None:
         with self._cond:
-            streams = self._streams[model]
+            streams = self._streams.get(model, {})
             if output.finished:
                 stream = streams.pop(output.request_id, None)
             else:
@@ -414,7 +445,7 @@ class AsyncWorker:
         Requests still in the command queue are not affected."""
         with self._cond:  # taken first: the ABORT outputs must not reach the streams
             queued = {c.request_id for c in self._commands if isinstance(c, _Add)}
-            registered = self._streams[model]
+            registered = self._streams.get(model, {})
             streams = {i: s for i, s in registered.items() if i not in queued}
             for request_id in streams:
                 del registered[request_id]
@@ -442,6 +473,16 @@ class AsyncWorker:
             )
         return self.worker.sleep(model)
 
+    def _remove_now(self, model: str) -> None:
+        with self._cond:
+            if self._streams[model]:
+                raise ModelConflict(
+                    f"model {model!r} has {len(self._streams[model])} requests in flight"
+                )
+            del self._streams[model]  # no request can be added from here on
+            del self.models[model]
+        self.worker.remove_model(model)  # idle: its streams were its only requests
+
     def _set_kv_limit_now(self, model: str, kv_bytes: int) -> int:
         if self.worker.models[model].engine is None:
             raise ModelConflict(f"model {model!r} has no KV cache before its first wake")
@@ -468,7 +509,7 @@ class AsyncWorker:
 
     def _shutdown(self) -> None:
         closed = EngineClosed(f"the worker of {self.device} shut down")
-        for model in self.models:
+        for model in list(self.models):
             self._fail(model, closed)
         with self._cond:
             commands, self._commands = self._commands, []

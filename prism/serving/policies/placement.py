@@ -19,7 +19,8 @@ Inputs are one `ModelDemand` per model and one `DeviceInfo` per device. Formulas
 
   (0 when Σ demand = 0; inf when demand > 0 and no memory is left for KV).
 - Feasible: a model's weights fit the device on their own; with the model, the active
-  weights fit (Σ ≤ memory_bytes); no other member of its anti-affinity groups is there.
+  weights fit (Σ ≤ memory_bytes); no other member of its anti-affinity groups is there;
+  the device is the model's pinned one, if it has one.
 
 `KVPressurePlacement` (the paper's rule): models by demand, largest first, each to the
 feasible device with the least resulting pressure (ties: least share of its memory
@@ -42,7 +43,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -94,6 +95,8 @@ class Placement:
 class PlacementConfig:
     # Groups of models (TP shards of one model) whose members must be on different devices.
     anti_affinity: frozenset[frozenset[str]] = frozenset()
+    # Models that may live on one device only: model → device id.
+    pinned: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +214,9 @@ class KVPressurePlacement(PlacementPolicy):
         return min(options, key=key)
 
     def _allowed(self, load: _Load, m: ModelDemand) -> bool:
+        pinned = self.config.pinned.get(m.name)
+        if pinned is not None and pinned != load.device.device_id:
+            return False
         return load.fits(m) and not (load.models & self._partners.get(m.name, set()))
 
 
