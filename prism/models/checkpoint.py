@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +60,21 @@ class Checkpoint:
             return iter_gguf_weights(self.reader, self.config)
         raise ValueError(f"a {self.format!r} checkpoint has no stored weights")
 
-    def fill(self, tensors: Mapping[str, torch.Tensor], seed: int = 0) -> None:
-        """Write this checkpoint's weights into `tensors` (names and shapes of weight_specs)."""
+    def fill(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        seed: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Write this checkpoint's weights into `tensors` (names and shapes of weight_specs);
+        `progress(nbytes)` is called after each tensor read."""
         if self.format == "dummy":
             init_dummy_weights(tensors, seed)
-        else:
-            with _reading(self.path):
-                copy_weights(tensors, self.iter_weights(), self.config)
+            if progress is not None:
+                progress(sum(t.numel() * t.element_size() for t in tensors.values()))
+            return
+        with _reading(self.path):
+            copy_weights(tensors, _reporting(self.iter_weights(), progress), self.config)
 
     def load_tokenizer(self) -> Tokenizer | None:
         with _reading(self.path):
@@ -75,6 +83,15 @@ class Checkpoint:
             if self.path is not None and (self.path / "tokenizer.json").is_file():
                 return Tokenizer.from_pretrained(self.path)
         return None
+
+
+def _reporting(
+    weights: Iterator[tuple[str, torch.Tensor]], progress: Callable[[int], None] | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        yield name, tensor
+        if progress is not None:
+            progress(tensor.numel() * tensor.element_size())
 
 
 def open_checkpoint(

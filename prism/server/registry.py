@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class ModelState(Enum):
+    REGISTERED = "registered"  # known; weights only on disk (host copy dropped)
     CACHED = "cached"  # weights in host memory, nothing on the device yet
     ACTIVE = "active"  # resident on the device, serving
     ASLEEP = "asleep"  # device memory given back; the next request wakes it

@@ -1,13 +1,17 @@
 """`ModelSlot`: one model on a device worker — its host copy, device weights, engine.
 
-States: CACHED (weights in host memory, nothing on the device) → ACTIVE (weights mapped
-in the device's page pool, engine serving) ⇄ ASLEEP (every device page given back;
-address ranges, the engine and its CUDA graphs kept). Waking maps pages and copies the
-weights from the host copy: no re-initialisation, no graph capture.
+States: REGISTERED (known, weights only on disk) → CACHED (weights in host memory,
+nothing on the device) → ACTIVE (weights mapped in the device's page pool, engine
+serving) ⇄ ASLEEP (every device page given back; address ranges, the engine and its
+CUDA graphs kept). Waking maps pages and copies the weights from the host copy: no
+re-initialisation, no graph capture. A model that is not active may drop its host copy
+(back to REGISTERED, the worker does so under its host-memory budget); its next wake
+reads the checkpoint again first.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -23,8 +27,11 @@ from prism.models.config import ModelConfig
 from prism.models.llama import LlamaModel
 from prism.models.weights import init_dummy_weights, weight_specs
 
+log = logging.getLogger("prism.serving")
+
 
 class ModelState(Enum):
+    REGISTERED = "registered"
     CACHED = "cached"
     ACTIVE = "active"
     ASLEEP = "asleep"
@@ -47,30 +54,62 @@ class ModelSlot:
         self.device = device
         self.pool = pool
         self.dtype = spec.dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
-        checkpoint = open_checkpoint(spec.source, spec.load_format)  # type: ignore[arg-type]
-        self.config: ModelConfig = checkpoint.config
-        self.tokenizer = checkpoint.load_tokenizer()
-        # The host copy that every wake copies from: one flat buffer laid out as the weight
-        # arena is, pinned on CUDA so that it is copied at PCIe speed in large runs.
-        specs = weight_specs(self.config, self.dtype)
-        pinned = device.startswith("cuda")
-        self.host_flat = torch.empty(layout(specs)[1], dtype=torch.uint8, pin_memory=pinned)
-        self.host = views_over(self.host_flat, specs)
-        if checkpoint.format == "dummy" and pinned:
-            # Random weights are made on the GPU (fast) and copied down, a tensor at a time.
-            for i, (name, host) in enumerate(self.host.items()):
-                scratch = torch.empty_like(host, device=device)
-                init_dummy_weights({name: scratch}, seed=i)
-                host.copy_(scratch)
-        else:
-            checkpoint.fill(self.host)
-        self.state = ModelState.CACHED
+        self.checkpoint = open_checkpoint(spec.source, spec.load_format)  # type: ignore[arg-type]
+        self.config: ModelConfig = self.checkpoint.config
+        self.tokenizer = self.checkpoint.load_tokenizer()
+        self.host_flat: torch.Tensor | None = None
+        self.host: dict[str, torch.Tensor] = {}
+        self.state = ModelState.REGISTERED
+        self.load_host()  # -> CACHED
         self.arena: WeightArena | None = None
         self.engine: Engine | None = None
         self.wakes = 0
         self.sleeps = 0
         self.last_used = time.monotonic()
         self.last_wake_s = 0.0
+
+    def load_host(self) -> None:
+        """Read the checkpoint into the host copy: one flat buffer laid out as the weight
+        arena is, pinned on CUDA so that a wake copies it at PCIe speed in large runs."""
+        if self.host_flat is not None:
+            return
+        start = time.perf_counter()
+        specs = weight_specs(self.config, self.dtype)
+        pinned = self.device.startswith("cuda")
+        flat = torch.empty(layout(specs)[1], dtype=torch.uint8, pin_memory=pinned)
+        host = views_over(flat, specs)
+        source = self.checkpoint.path or self.spec.source
+        if self.checkpoint.format == "dummy" and pinned:
+            # Random weights are made on the GPU (fast) and copied down, a tensor at a time.
+            for i, (name, view) in enumerate(host.items()):
+                scratch = torch.empty_like(view, device=self.device)
+                init_dummy_weights({name: scratch}, seed=i)
+                view.copy_(scratch)
+        else:
+            log.info("%s: loading %.2f GiB of weights from %s", self.spec.name,
+                     flat.numel() / 2**30, source)  # fmt: skip
+            self.checkpoint.fill(host, progress=_Progress(self.spec.name, len(specs)))
+        self.host_flat, self.host = flat, host
+        if self.state is ModelState.REGISTERED:
+            self.state = ModelState.CACHED
+        seconds = time.perf_counter() - start
+        log.info("%s: host copy ready (%.2f GiB, %.1f s)", self.spec.name,
+                 flat.numel() / 2**30, seconds)  # fmt: skip
+
+    def drop_host(self) -> int:
+        """Free the host copy of a model that is not active; returns bytes freed."""
+        if self.state is ModelState.ACTIVE or self.host_flat is None:
+            return 0
+        freed = self.host_bytes
+        self.host_flat, self.host = None, {}
+        if self.state is ModelState.CACHED:
+            self.state = ModelState.REGISTERED
+        log.info("%s: host copy dropped (%.2f GiB)", self.spec.name, freed / 2**30)
+        return freed
+
+    @property
+    def host_bytes(self) -> int:
+        return 0 if self.host_flat is None else self.host_flat.numel()
 
     @property
     def weight_bytes(self) -> int:
@@ -92,6 +131,8 @@ class ModelSlot:
         if self.state is ModelState.ACTIVE:
             return True
         start = time.perf_counter()
+        self.load_host()  # from disk, if the host copy was dropped
+        assert self.host_flat is not None
         if self.arena is None:
             self.arena = WeightArena(
                 f"{self.spec.name}/weights",
@@ -173,3 +214,17 @@ def _attention_for(device: str):  # type: ignore[no-untyped-def]
 
         return TritonAttention()
     return None
+
+
+class _Progress:
+    """Logs a model's load at every quarter (server logs show where a slow load is)."""
+
+    def __init__(self, name: str, tensors: int) -> None:
+        self.name, self.tensors, self.done, self.reported = name, max(1, tensors), 0, 0
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += 1
+        quarter = min(4, 4 * self.done // self.tensors)
+        if quarter > self.reported:
+            self.reported = quarter
+            log.info("%s: loading weights %d%%", self.name, 25 * quarter)

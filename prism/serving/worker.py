@@ -37,6 +37,9 @@ class WorkerConfig:
     budget_bytes: int = 1 << 30  # device memory the pool may hold (weights + KV)
     mode: WorkerMode = WorkerMode.PRISM
     host_page_size: int = 64 << 10  # HostVMM page size on the CPU; CUDA uses 2 MiB
+    # Host memory for the models' host copies; beyond it the least recently used models
+    # that are not active drop theirs (their next wake reads the checkpoint). None: no cap.
+    host_budget_bytes: int | None = None
 
 
 class StepError(RuntimeError):
@@ -74,6 +77,7 @@ class ModelStats:
     wakes: int
     sleeps: int
     last_wake_s: float
+    host_bytes: int = 0  # its host copy (0 once dropped under the host budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,7 @@ class DeviceWorker:
         if self.config.mode is WorkerMode.STATIC and not self.wake(spec.name):
             self.remove_model(spec.name)
             raise MemoryError(f"model {spec.name!r} does not fit its static share")
+        self._fit_host_budget(keep=spec.name)
         return slot
 
     def remove_model(self, name: str) -> None:
@@ -149,9 +154,27 @@ class DeviceWorker:
         self._acting, self._acting_priority = name, slot.spec.priority
         if not slot.wake():
             return False
+        self._fit_host_budget(keep=name)
         self._protected.add(name)
         self._install_pressure_hooks(slot)
         return True
+
+    def _fit_host_budget(self, keep: str) -> None:
+        """Drop host copies, least recently used first, of models that are not active
+        until the host copies fit the host budget (`keep` keeps its own)."""
+        budget = self.config.host_budget_bytes
+        if budget is None:
+            return
+        held = sum(s.host_bytes for s in self.models.values())
+        victims = sorted(
+            (s for n, s in self.models.items()
+             if n != keep and s.host_bytes and s.state is not ModelState.ACTIVE),
+            key=lambda s: s.last_used,
+        )  # fmt: skip
+        for slot in victims:
+            if held <= budget:
+                return
+            held -= slot.drop_host()
 
     def sleep(self, name: str) -> int:
         """Put an idle model to sleep; returns bytes given back to the pool."""
@@ -350,6 +373,7 @@ class DeviceWorker:
                     wakes=slot.wakes,
                     sleeps=slot.sleeps,
                     last_wake_s=slot.last_wake_s,
+                    host_bytes=slot.host_bytes,
                 )
             )
         pool = self.pool.stats()

@@ -213,3 +213,27 @@ def test_release_memory_preempts_the_owners_of_one_group_only() -> None:
     assert done == set(ids)
     worker.check_integrity()
     worker.close()
+
+
+def test_host_budget_drops_least_recently_used_host_copies() -> None:
+    """Host copies beyond the host budget are dropped, least recently used first and never
+    an active model's; a dropped model's next request reads its weights again and
+    answers as before."""
+    worker = DeviceWorker(WorkerConfig(budget_bytes=24 << 20, host_budget_bytes=1))
+    worker.add_model(ModelSpec("a", TINY, load_format="dummy", engine=ENGINE))
+    one = worker.models["a"].host_bytes
+    worker.close()
+    worker = DeviceWorker(WorkerConfig(budget_bytes=24 << 20, host_budget_bytes=2 * one))
+    for name in "abc":
+        worker.add_model(ModelSpec(name, TINY, load_format="dummy", engine=ENGINE))
+    states = {m.name: (m.state, m.host_bytes) for m in worker.stats().models}
+    assert states["a"] == ("registered", 0)  # the least recently used
+    assert states["b"] == ("cached", one) and states["c"] == ("cached", one)
+    expected = _run(worker, [("b", _prompt(1, 50))])  # b active
+    answers = _run(worker, [("a", _prompt(1, 50))])  # a reloads; c (idle, LRU) drops
+    assert list(answers.values()) == list(expected.values())  # same dummy weights
+    states = {m.name: (m.state, m.host_bytes) for m in worker.stats().models}
+    assert states["a"] == ("active", one) and states["c"] == ("registered", 0)
+    assert sum(m.host_bytes for m in worker.stats().models) <= 2 * one
+    worker.check_integrity()
+    worker.close()
