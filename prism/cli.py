@@ -3,8 +3,9 @@
 `prism serve` runs the OpenAI-compatible server (with no arguments: the embedded
 SmolLM2-135M-Instruct on the CPU at 127.0.0.1:8000), every model of the device on one
 worker over one page pool; `prism ctl` lists, wakes, sleeps and limits the models of a
-running server through its admin API; `prism balloon` shows the memory layer at work:
-several models' KV caches growing into and out of one page pool.
+running server through its admin API, `prism top` shows them live, `prism bench` loads
+a server and reports its latencies and throughput; `prism balloon` shows the memory
+layer at work: several models' KV caches growing into and out of one page pool.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from prism.kvcache import ElasticKVCache, KVCacheConfig
 from prism.memory import PagePool, make_vmm
 from prism.models.default import default_model_path
 from prism.server.admin_client import AdminClient, AdminError
-from prism.server.registry import ModelSpec, default_name
+from prism.server.bench import add_bench_parser
+from prism.server.registry import ModelRegistry, ModelSpec, default_name
+from prism.server.top import add_top_parser
 from prism.serving.worker import WorkerConfig, WorkerMode
 from prism.sim.cli import add_simulate_parser
 
@@ -125,10 +128,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from prism.server import ModelRegistry, create_app
-
+    if args.config is not None:
+        return _serve_registry(args, _fleet_registry(args))
     specs = model_specs(args)
     worker = worker_config(args)
     config = EngineConfig()
@@ -149,10 +150,18 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except (ValueError, MemoryError, FileNotFoundError) as e:
         raise SystemExit(f"prism serve: {e}") from e
+    return _serve_registry(args, registry)
+
+
+def _serve_registry(args: argparse.Namespace, registry: ModelRegistry) -> int:
+    import uvicorn
+
+    from prism.server import create_app
+
     for model in registry:
         print(f"  {model.name}: {model.state.value}", flush=True)
     app = create_app(registry, api_key=args.api_key)
-    print(_banner(args, specs[0].name), flush=True)
+    print(_banner(args, registry.models()[0].name), flush=True)
     uvicorn.run(
         app,
         host=args.host,
@@ -161,6 +170,35 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,  # then open streams are cancelled (and aborted)
     )
     return 0
+
+
+def _fleet_registry(args: argparse.Namespace) -> ModelRegistry:
+    """The models of a fleet file (`--config`), served in this process: one device."""
+    from prism.serving.fleet import FleetConfigError, in_process_worker, load_fleet
+
+    options = ("model", "budget", "max_kv", "max_model_len")
+    clashing = [f"--{o.replace('_', '-')}" for o in options if getattr(args, o) is not None]
+    if clashing:
+        raise SystemExit(f"prism serve: the --config file sets these; drop {', '.join(clashing)}")
+    try:
+        fleet = load_fleet(args.config)
+        devices = fleet.device_ids()
+        if len(devices) > 1:
+            raise SystemExit(
+                f"prism serve: {fleet.path} lists {len(devices)} devices; the server serves "
+                "one device per process for now (the multi-device Controller runs from "
+                "Python: prism.serving.controller)"
+            )
+        for m in fleet.models:
+            print(f"loading {m.name} from {m.source} on {devices[0]} ...", flush=True)
+        worker = in_process_worker(fleet, preload=args.preload)
+    except (FleetConfigError, ValueError, MemoryError, FileNotFoundError) as e:
+        raise SystemExit(f"prism serve: {e}") from e
+    try:
+        return ModelRegistry([worker])
+    except ValueError as e:  # a model without a tokenizer
+        worker.close()
+        raise SystemExit(f"prism serve: {e}") from e
 
 
 def _banner(args: argparse.Namespace, model: str) -> str:
@@ -266,6 +304,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub, environ)
     _add_ctl_parser(sub, environ)
+    add_top_parser(sub, environ)
+    add_bench_parser(sub, environ)
     add_simulate_parser(sub)
     balloon = sub.add_parser("balloon", help="show KV caches ballooning in one page pool")
     balloon.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -276,6 +316,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def _add_serve_parser(sub: Any, environ: Mapping[str, str]) -> None:
     serve = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    serve.add_argument(
+        "--config",
+        metavar="FLEET.yaml",
+        help="a fleet file: models (sources, SLOs, priorities, memory), devices, budget, mode",
+    )
     serve.add_argument(
         "--model",
         action="append",

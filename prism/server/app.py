@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from prism.server.auth import ApiKeyMiddleware
 from prism.server.errors import install_error_handlers
 from prism.server.metrics import RequestCounter, ServerMetrics
+from prism.server.openapi import install_openapi
 from prism.server.registry import ModelRegistry
 from prism.server.routes import admin, chat, completions, models
 from prism.server.state import ServerState
@@ -29,6 +30,7 @@ def create_app(registry: ModelRegistry, api_key: str | None = None) -> FastAPI:
     metrics = ServerMetrics(registry)
     app.state.prism = ServerState(registry, metrics)
     install_error_handlers(app)
+    install_openapi(app, api_key_required=bool(api_key))
     for module in (models, completions, chat, admin):
         app.include_router(module.router)
     if api_key:

@@ -43,7 +43,58 @@ class APIError(Exception):
         return JSONResponse(self.body().model_dump(), self.status, headers=self.headers)
 
 
+# The codes of 400s for a request the schema allows but the model it names cannot serve:
+# limits that differ from model to model, so that no schema shared by all can state them.
+MODEL_LIMIT_CODES = {
+    "context_length_exceeded": "the prompt and max_tokens exceed its context length",
+    "empty_prompt": "the prompt text encodes to no tokens of its vocabulary",
+    "invalid_token_id": "a prompt token id is beyond its vocabulary",
+    "too_many_sequences": "prompts × n exceed the sequences it runs at once",
+    "chat_template_error": "its chat template has none, or refuses the messages",
+}
+
+# What each error status means on Prism's routes, for the OpenAPI schema.
+_MEANINGS = {
+    400: "A bad request: the message names the field (`param`). Besides what the schema "
+    "states, the model's own limits apply; `code` then says which: "
+    + "; ".join(f"`{code}`: {text}" for code, text in MODEL_LIMIT_CODES.items()),
+    401: "A missing or wrong API key (when the server requires one)",
+    404: "No model of that name",
+    409: "The model's state rules it out now (requests in flight, no memory, ...)",
+    429: "The model's queue is full; retry after `Retry-After` seconds",
+    500: "The engine failed while running the request",
+    503: "The model's worker is shut down",
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": "The scheme to authenticate with: Bearer"},
+    429: {"Retry-After": "Seconds to wait before retrying"},
+    503: {"Retry-After": "Seconds to wait before retrying"},
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route that may answer these error statuses: the OpenAI error
+    body, what the status means here, and the headers sent with it."""
+    return {status: _documented(status) for status in statuses}
+
+
+def _documented(status: int) -> dict[str, Any]:
+    response: dict[str, Any] = {"model": ErrorResponse, "description": _MEANINGS[status]}
+    if status in _HEADERS:
+        response["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in _HEADERS[status].items()
+        }
+    return response
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def beyond_model_limit(message: str, code: str, param: str | None = None) -> APIError:
+    """A 400 for a limit of the model, not of the API (one of MODEL_LIMIT_CODES)."""
+    assert code in MODEL_LIMIT_CODES, code
     return APIError(400, message, param=param, code=code)
 
 
@@ -112,7 +163,7 @@ async def _api_error(_: Request, error: APIError) -> JSONResponse:
 
 async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
     """400 naming the first offending field, e.g. `messages.0.role: Input should be ...`."""
-    first: Mapping[str, Any] = error.errors()[0] if error.errors() else {}
+    first = _most_telling(error.errors())
     message = str(first.get("msg", "invalid request"))
     if first.get("type") == "json_invalid":
         return bad_request(f"the request body is not valid JSON: {message}").response()
@@ -120,12 +171,24 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
     return bad_request(f"{param}: {message}" if param else message, param=param).response()
 
 
+def _most_telling(errors: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The first error that is more than a type mismatch: a value that fails a union
+    fails each branch, and "[] is too short" says more than "[] is not a string"."""
+    for e in errors:
+        if not str(e.get("type", "")).endswith("_type"):
+            return e
+    return errors[0] if errors else {}
+
+
 def _field_path(loc: Sequence[Any]) -> str | None:
     """("body", "messages", 0, "role") → "messages.0.role"; pydantic's union branches
-    (like "str" or "list[int]") are dropped."""
-    parts = [str(p) for p in loc[1:] if isinstance(p, int) or "[" not in str(p)]
-    parts = [p for p in parts if p not in ("str", "int", "float", "bool")]
+    (like "str", "constrained-str" or "list[int]") are dropped."""
+    parts = [str(p) for p in loc[1:] if isinstance(p, int) or not _is_branch(str(p))]
     return ".".join(parts) or None
+
+
+def _is_branch(part: str) -> bool:
+    return "[" in part or "-" in part or part in ("str", "int", "float", "bool")
 
 
 async def _http_error(_: Request, error: HTTPException) -> JSONResponse:

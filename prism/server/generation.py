@@ -40,10 +40,14 @@ def new_id(prefix: str) -> str:
 
 def check_prompt(ids: list[int], model: ServedModel, param: str) -> None:
     if not ids:
-        raise errors.bad_request(f"{param}: the prompt is empty", param=param)
+        raise errors.beyond_model_limit(
+            f"{param}: the prompt is empty (as tokens)", "empty_prompt", param
+        )
     vocab = model.engine.vocab_size
     if any(not 0 <= t < vocab for t in ids):
-        raise errors.bad_request(f"{param}: token ids must be in [0, {vocab})", param=param)
+        raise errors.beyond_model_limit(
+            f"{param}: token ids must be in [0, {vocab})", "invalid_token_id", param
+        )
 
 
 def output_limit(num_prompt_tokens: int, max_tokens: int | None, model: ServedModel) -> int:
@@ -52,13 +56,22 @@ def output_limit(num_prompt_tokens: int, max_tokens: int | None, model: ServedMo
     room = limit - num_prompt_tokens
     if room < 1 or (max_tokens is not None and max_tokens > room):
         asked = f" and {max_tokens} output tokens" if max_tokens is not None else ""
-        raise errors.bad_request(
+        raise errors.beyond_model_limit(
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{num_prompt_tokens} prompt tokens{asked}. Please reduce the length of the "
             "prompt or the maximum number of output tokens.",
-            code="context_length_exceeded",
+            "context_length_exceeded",
         )
     return room if max_tokens is None else max_tokens
+
+
+# Values this close to zero overflow float32 in the sampler; each is served as the value
+# it tends to: temperature → greedy (vLLM's threshold), top_p → the top token alone (as
+# every top_p below the top token's probability, which is at least 1/vocab, does),
+# repetition_penalty → seen tokens first.
+GREEDY_BELOW = 1e-5
+MIN_TOP_P = 1e-30
+MIN_REPETITION_PENALTY = 1e-5
 
 
 def sampling_params(
@@ -68,25 +81,32 @@ def sampling_params(
     sample: int,
     renames: Mapping[str, str] | None = None,
 ) -> SamplingParams:
-    """Engine parameters of one sample; sample i of a seeded request uses seed + i, so the
-    n choices differ and the request as a whole is reproducible."""
+    """Engine parameters of one sample; sample i of a seeded request uses seed + i (modulo
+    2**64, the range of torch's seeds), so the n choices differ and the request as a whole
+    is reproducible."""
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
+            temperature=_temperature(body.temperature),
+            top_p=1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P),
             top_k=body.top_k or 0,
             min_p=body.min_p or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
+            repetition_penalty=max(body.repetition_penalty or 1.0, MIN_REPETITION_PENALTY),
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
-            seed=None if body.seed is None else body.seed + sample,
+            seed=None if body.seed is None else (body.seed + sample) % 2**64,
             stop=body.stop_strings,
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
         )
     except ValueError as e:
         raise errors.from_value_error(e, renames) from e
+
+
+def _temperature(value: float | None) -> float:
+    if value is None:
+        return 1.0
+    return 0.0 if value < GREEDY_BELOW else value
 
 
 # ---- engine → choices --------------------------------------------------------------------
@@ -120,10 +140,11 @@ class Generation:
         engine = self.model.engine
         total = sum(len(p) for p in params)
         if total > engine.max_requests:
-            raise errors.bad_request(
+            raise errors.beyond_model_limit(
                 f"this request needs {total} sequences; the model runs at most "
                 f"{engine.max_requests} at once",
-                param="n",
+                "too_many_sequences",
+                "n",
             )
         if not engine.has_capacity(total):
             raise errors.overloaded(f"model {self.model.name!r} is busy; try again shortly")

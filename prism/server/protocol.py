@@ -8,9 +8,11 @@ rejected by name rather than silently ignored; unknown fields are ignored.
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal, cast
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from prism.engine.sampling_params import SamplingParams
 
 MAX_N = 128
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy `logprobs` integer
@@ -27,6 +29,25 @@ class FieldError(ValueError):
 
 # ---- requests --------------------------------------------------------------------------
 
+# Prompts and their parts are never empty (an empty prompt gives the model nothing to
+# continue); token ids are never negative (their upper bound is the model's vocabulary).
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+StopTexts = Annotated[list[Text], Field(max_length=SamplingParams.MAX_STOP_STRINGS)]
+
+
+def _needs(field: str, kind: str, other: str) -> dict[str, Any]:
+    """JSON schema for what `check()` enforces: `field`, when given (as a `kind`, not
+    null), needs `other` to be true."""
+    return {
+        "if": {"required": [field], "properties": {field: {"type": kind}}},
+        "then": {"required": [other], "properties": {other: {"const": True}}},
+    }
+
+
+_STREAM_OPTIONS_NEED_STREAM = _needs("stream_options", "object", "stream")
+_TOP_LOGPROBS_NEED_LOGPROBS = _needs("top_logprobs", "integer", "logprobs")
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -39,10 +60,10 @@ class SamplingRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | StopTexts | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = None  # any integer: the engine takes it modulo 2**64
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = None
@@ -55,7 +76,9 @@ class SamplingRequest(BaseModel):
     # Fields we cannot honour → the one non-empty value that is harmless (None: none is).
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"logit_bias": None}
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow", json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM]}
+    )
 
     def check(self) -> None:
         """Raise FieldError for what the schema allows but we cannot serve."""
@@ -80,7 +103,12 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
@@ -135,6 +163,10 @@ class ChatCompletionRequest(SamplingRequest):
         "audio": None,
         "response_format": {"type": "text"},
     }
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM, _TOP_LOGPROBS_NEED_LOGPROBS]},
+    )
 
     def check(self) -> None:
         super().check()

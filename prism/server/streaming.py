@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -47,6 +47,23 @@ async def _disconnect(request: Request) -> None:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+def documented_stream(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route whose 200 is server-sent events when the request asks to
+    stream (besides the JSON body of its response model); the schema is of one event."""
+    data = {
+        "type": "string",
+        "description": f"a {chunk.__name__} as JSON; an ErrorResponse if the generation "
+        "fails midway; [DONE] last",
+    }
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {
+        200: {
+            "description": "The response; with `stream: true`, server-sent events",
+            "content": {"text/event-stream": {"schema": event}},
+        }
+    }
 
 
 def sse(data: BaseModel) -> str:

@@ -79,3 +79,13 @@ def test_ctl_options_go_before_or_after_the_action() -> None:
     assert (args.url, args.name, args.kv_bytes) == ("http://h:1", "m", 64 << 20)
     args = build_parser(env).parse_args(["ctl", "sleep", "m", "--api-key", "k", "--url", "u"])
     assert (args.action, args.name, args.api_key, args.url) == ("sleep", "m", "k", "u")
+
+
+def test_top_and_bench_take_the_server_and_key_like_ctl() -> None:
+    url = "http://127.0.0.1:8000"
+    env = {"PRISM_API_KEY": "from-env"}
+    args = build_parser(env).parse_args(["top", "--once"])
+    assert (args.url, args.api_key, args.interval, args.once) == (url, "from-env", 1.0, True)
+    args = build_parser(env).parse_args(["bench", "--url", "http://h:1", "--rate", "2.5"])
+    assert (args.url, args.api_key, args.trace, args.rate) == ("http://h:1", "from-env", None, 2.5)
+    assert (args.num_requests, args.concurrency, args.json) == (100, 64, False)

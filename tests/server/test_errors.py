@@ -40,7 +40,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
         ({"presence_penalty": -5.0}, "presence_penalty"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 0}, "n"),
-        ({"stop": [""]}, "stop"),  # SamplingParams' own check
+        ({"stop": [""]}, "stop.0"),  # a union's branch: the telling error, not "not a str"
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs=True
         ({"logit_bias": {"1": 5}}, "logit_bias"),  # not supported
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
@@ -58,8 +58,16 @@ def test_bad_parameters_are_400_naming_the_field(
 
 
 def test_bad_prompts_are_400(client: openai.OpenAI, server: LiveServer) -> None:
-    with pytest.raises(openai.BadRequestError, match="token ids must be in"):
+    with pytest.raises(openai.BadRequestError, match="token ids must be in") as e:
         client.completions.create(model=MODEL, prompt=[[1, 2], [10**9]])
+    assert _error(e.value)["code"] == "invalid_token_id"  # the model's limit, not the API's
+    for prompt, param in (("", "prompt"), ([], "prompt"), ([[1], [-1]], "prompt.1.0")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt=prompt)
+        assert _error(e.value)["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:  # no token of SmolLM2's vocabulary
+        client.completions.create(model=MODEL, prompt="\x13")
+    assert _error(e.value)["code"] == "empty_prompt"
     response = httpx.post(
         f"{server.api_url}/completions",
         content=b"{oops",

@@ -4,16 +4,16 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Literal, TypeVar
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from prism.engine.async_engine import EngineClosed
 from prism.server import errors
+from prism.server.errors import documented
 from prism.server.metrics import CONTENT_TYPE
-from prism.server.protocol import ErrorResponse
 from prism.server.registry import ServedModel
 from prism.server.state import server_state
 from prism.serving.async_worker import AsyncWorker, ModelConflict
@@ -21,16 +21,6 @@ from prism.serving.async_worker import AsyncWorker, ModelConflict
 router = APIRouter()
 
 T = TypeVar("T")
-
-
-def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    reasons = {
-        400: "A bad value",
-        404: "No model of that name",
-        409: "The model's state rules it out now (requests in flight, no memory, ...)",
-        503: "The model's worker is shut down",
-    }
-    return {s: {"model": ErrorResponse, "description": reasons[s]} for s in statuses}
 
 
 class AdminModel(BaseModel):
@@ -83,12 +73,17 @@ class AdminMemory(BaseModel):
     devices: list[AdminDevice]
 
 
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    models: dict[str, str]  # name → state
+
+
 @router.get("/admin/models")
 async def admin_models(request: Request) -> AdminModels:
     return AdminModels(models=[_row(model) for model in server_state(request).models])
 
 
-@router.post("/admin/models/{name}/wake", responses=_documented(404, 409, 503))
+@router.post("/admin/models/{name}/wake", responses=documented(404, 409, 503))
 async def wake_model(request: Request, name: str) -> AdminModel:
     """Make the model resident now (its first request would otherwise do it)."""
     model = _model(request, name)
@@ -103,7 +98,7 @@ async def wake_model(request: Request, name: str) -> AdminModel:
     return _row(model)
 
 
-@router.post("/admin/models/{name}/sleep", responses=_documented(404, 409, 503))
+@router.post("/admin/models/{name}/sleep", responses=documented(404, 409, 503))
 async def sleep_model(request: Request, name: str) -> AdminModel:
     """Give the model's device memory back to the pool; its next request wakes it."""
     model = _model(request, name)
@@ -111,7 +106,7 @@ async def sleep_model(request: Request, name: str) -> AdminModel:
     return _row(model)
 
 
-@router.post("/admin/models/{name}/limit", responses=_documented(400, 404, 409, 503))
+@router.post("/admin/models/{name}/limit", responses=documented(400, 404, 409, 503))
 async def limit_model(request: Request, name: str, body: KVLimit) -> AdminModel:
     """Cap the model's KV cache; memory beyond the cap goes back to the pool (what its
     running requests hold stays until they finish)."""
@@ -125,18 +120,24 @@ async def admin_memory(request: Request) -> AdminMemory:
     return AdminMemory(devices=[_device(w) for w in server_state(request).models.workers])
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "A device's worker is not serving"}},
+)
 async def health(request: Request) -> JSONResponse:
     """200 while every device's worker is serving (a cached or sleeping model is woken by
     its next request), 503 otherwise."""
     registry = server_state(request).models
-    states = {m.name: m.state.value for m in registry}
     healthy = all(w.is_running for w in registry.workers)
-    body = {"status": "ok" if healthy else "unavailable", "models": states}
-    return JSONResponse(body, 200 if healthy else 503)
+    body = Health(
+        status="ok" if healthy else "unavailable",
+        models={m.name: m.state.value for m in registry},
+    )
+    return JSONResponse(body.model_dump(), 200 if healthy else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE)
 

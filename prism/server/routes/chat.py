@@ -41,6 +41,7 @@ from prism.server.streaming import (
     SSE_DONE,
     ClientDisconnected,
     EventStream,
+    documented_stream,
     sse,
     until_disconnected,
 )
@@ -51,7 +52,11 @@ router = APIRouter()
 _RENAMES = {"logprobs": "top_logprobs"}
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=documented_stream(ChatCompletionChunk) | errors.documented(400, 404, 429, 500, 503),
+)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request
 ) -> ChatCompletionResponse | Response:
@@ -91,11 +96,13 @@ async def create_chat_completion(
 def _prompt_ids(model: ServedModel, messages: list[ChatMessage]) -> list[int]:
     tokenizer = model.tokenizer
     if not tokenizer.has_chat_template:
-        raise errors.bad_request(f"model {model.name!r} has no chat template", param="model")
+        raise errors.beyond_model_limit(
+            f"model {model.name!r} has no chat template", "chat_template_error", "model"
+        )
     try:
         text = tokenizer.apply_chat_template([m.as_template_input() for m in messages])
     except ChatTemplateError as e:
-        raise errors.bad_request(f"messages: {e}", param="messages") from e
+        raise errors.beyond_model_limit(f"messages: {e}", "chat_template_error", "messages") from e
     ids = tokenizer.encode(text, add_special_tokens=False)
     check_prompt(ids, model, "messages")
     return ids

@@ -34,6 +34,7 @@ from prism.server.streaming import (
     SSE_DONE,
     ClientDisconnected,
     EventStream,
+    documented_stream,
     sse,
     until_disconnected,
 )
@@ -41,7 +42,11 @@ from prism.server.streaming import (
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=Completion,
+    responses=documented_stream(Completion) | errors.documented(400, 404, 429, 500, 503),
+)
 async def create_completion(body: CompletionRequest, request: Request) -> Completion | Response:
     model = resolve_model(request, body.model)
     try:
@@ -49,8 +54,6 @@ async def create_completion(body: CompletionRequest, request: Request) -> Comple
     except FieldError as e:
         raise errors.from_value_error(e) from e
     prompts = [_prompt_ids(model, p) for p in body.prompts]
-    if not prompts:
-        raise errors.bad_request("prompt: at least one prompt is needed", param="prompt")
     params = [
         [
             sampling_params(body, output_limit(len(ids), body.max_tokens, model), body.logprobs, i)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from prism.server.errors import documented
 from prism.server.protocol import ModelCard, ModelList
 from prism.server.registry import ServedModel
 from prism.server.state import resolve_model, server_state
@@ -25,6 +26,6 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[_card(m) for m in server_state(request).models])
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=documented(404))
 async def get_model(request: Request, model_id: str) -> ModelCard:
     return _card(resolve_model(request, model_id))

@@ -1,0 +1,119 @@
+"""Property-based fuzzing of the served OpenAPI schema with schemathesis.
+
+Every operation of the schema the server publishes is called with generated inputs,
+valid and invalid; the checks fail on any 5xx, on a status, header, content type or
+body the schema does not document, on a 2xx to input the schema forbids, and on a 4xx
+to input it allows. Valid requests name a served model (a random name would only ever
+reach the 404) and their generation lengths are capped so a CPU run stays short; the
+caps keep invalid values invalid, so the shape of every request is still the fuzzer's.
+A valid request may still exceed the limits of the model it names (its context, its
+vocabulary): the 400 that says so, with its documented code, is the one 4xx accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import CheckContext, GenerationMode, openapi
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+from server_helpers import API_KEY, MODEL, LiveServer
+
+from prism.server.errors import MODEL_LIMIT_CODES
+from prism.server.protocol import MAX_N
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_GENERATED_TOKENS = 3
+MAX_SAMPLES = 2
+
+
+def _cap_lengths(body: dict[str, Any]) -> None:
+    """Integers above a cap (JSON's 5.0 is one too) come down to it; without a limit
+    (absent or null: the rest of the context) the output gets the cap."""
+    limits = [key for key in ("max_tokens", "max_completion_tokens") if body.get(key) is not None]
+    for key in limits:
+        if _is_integer(body[key]) and body[key] > MAX_GENERATED_TOKENS:
+            body[key] = MAX_GENERATED_TOKENS
+    if not limits:
+        body["max_tokens"] = MAX_GENERATED_TOKENS
+    if _is_integer(body.get("n")) and MAX_SAMPLES < body["n"] <= MAX_N:
+        body["n"] = MAX_SAMPLES
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prepare(case: Any) -> None:
+    if not isinstance(case.body, dict):
+        return
+    if case.meta.generation.mode.is_positive and isinstance(case.body.get("model"), str):
+        case.body["model"] = MODEL
+    _cap_lengths(case.body)
+
+
+def _accepts_valid_data(ctx: CheckContext, response: Any, case: Any) -> bool | None:
+    """schemathesis' positive_data_acceptance, but for a 400 naming a model's limit."""
+    if response.status_code == 400 and _error_code(response) in MODEL_LIMIT_CODES:
+        return None
+    return positive_data_acceptance(ctx, response, case)
+
+
+def _error_code(response: Any) -> str | None:
+    try:
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def test_schema_documents_errors_as_served(server: LiveServer) -> None:
+    """Bad input is a 400 with OpenAI's error body (never FastAPI's 422), and with a key
+    set every route but /health says it needs one."""
+    schema = httpx.get(f"{server.base_url}/openapi.json", headers=AUTH).json()
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            assert "422" not in responses
+            assert ("401" in responses) == (path != "/health")
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert set(chat) == {"200", "400", "401", "404", "429", "500", "503"}
+    assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert chat["429"]["headers"]["Retry-After"]
+    error = chat["400"]["content"]["application/json"]["schema"]["$ref"]
+    assert error == "#/components/schemas/ErrorResponse"
+
+
+def test_api_conforms_and_never_fails(server: LiveServer) -> None:
+    """For every operation: no 5xx, responses match the schema, invalid input gets a 4xx."""
+    schema = openapi.from_url(f"{server.base_url}/openapi.json", headers=AUTH)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    paths = {operation.path for operation in operations}
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health"} <= paths
+    for operation in operations:
+        cases = operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(
+            GenerationMode.NEGATIVE
+        )
+
+        @settings(
+            max_examples=40,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+            # no shrinking: over a live model it takes minutes, and a failure already
+            # prints its request as a curl command
+            phases=[Phase.explicit, Phase.reuse, Phase.generate],
+        )
+        @given(case=cases)
+        def check(case: Any) -> None:
+            _prepare(case)
+            case.call_and_validate(
+                headers=AUTH,
+                timeout=120,
+                excluded_checks=[positive_data_acceptance],
+                additional_checks=[_accepts_valid_data],
+            )
+
+        check()
