@@ -77,9 +77,13 @@ class Sampler:
         return logits
 
     def _draw(self, row: torch.Tensor, req: Request) -> torch.Tensor:
-        """One token from row [V] under req's temperature, min-p, top-k and top-p."""
+        """One token from row [V] under req's temperature, min-p, top-k and top-p. Every
+        valid parameter gives a distribution: logits are shifted so the largest is 0
+        before dividing by the temperature (no overflow however small it is), a penalty
+        that overflowed counts as -inf/+max, and top-p always keeps the top token."""
         p = req.params
-        probs = torch.softmax(row / p.temperature, dim=-1)
+        row = torch.nan_to_num(row, nan=-torch.inf, posinf=torch.finfo(row.dtype).max)
+        probs = torch.softmax((row - row.max()) / p.temperature, dim=-1)
         if p.min_p > 0.0:
             probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
         if p.top_k > 0 and p.top_k < probs.shape[-1]:
@@ -88,7 +92,9 @@ class Sampler:
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             mass_before = sorted_probs.cumsum(-1) - sorted_probs
-            sorted_probs[mass_before >= p.top_p * sorted_probs.sum()] = 0.0
+            cut = mass_before >= p.top_p * sorted_probs.sum()
+            cut[0] = False  # the top token is always in the nucleus
+            sorted_probs[cut] = 0.0
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         generator = req.generator or self._generator(row.device)
         return torch.multinomial(probs, 1, generator=generator)[0]

@@ -65,13 +65,8 @@ def output_limit(num_prompt_tokens: int, max_tokens: int | None, model: ServedMo
     return room if max_tokens is None else max_tokens
 
 
-# Values this close to zero overflow float32 in the sampler; each is served as the value
-# it tends to: temperature → greedy (vLLM's threshold), top_p → the top token alone (as
-# every top_p below the top token's probability, which is at least 1/vocab, does),
-# repetition_penalty → seen tokens first.
+# A temperature this close to zero is served as greedy (vLLM's threshold).
 GREEDY_BELOW = 1e-5
-MIN_TOP_P = 1e-30
-MIN_REPETITION_PENALTY = 1e-5
 
 
 def sampling_params(
@@ -88,10 +83,10 @@ def sampling_params(
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=_temperature(body.temperature),
-            top_p=1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P),
+            top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0,
             min_p=body.min_p or 0.0,
-            repetition_penalty=max(body.repetition_penalty or 1.0, MIN_REPETITION_PENALTY),
+            repetition_penalty=body.repetition_penalty or 1.0,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             seed=None if body.seed is None else (body.seed + sample) % 2**64,

@@ -76,6 +76,25 @@ def test_filters_that_leave_only_the_top_token(params: SamplingParams) -> None:
 
 
 @pytest.mark.parametrize(
+    "params",
+    [SamplingParams(top_p=5e-324), SamplingParams(temperature=1e-38),
+     SamplingParams(temperature=1e-38, top_p=5e-324, min_p=1.0),
+     SamplingParams(repetition_penalty=1e-38), SamplingParams(repetition_penalty=5e-324)],
+    ids=["top_p=denormal", "temperature=1e-38", "all-extreme", "penalty=1e-38",
+         "penalty=denormal"],
+)  # fmt: skip
+def test_extreme_but_valid_parameters_still_draw_a_token(params: SamplingParams) -> None:
+    """Values at the edge of float32 (a denormal top_p, a temperature that overflows the
+    logits, a penalty that sends them to inf) still give a real token, never an error."""
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1)) * 10
+    req = seeded(params, 0, tokens=[3, 7, 3], prompt_len=1)
+    token = Sampler().sample(logits, [req]).token_ids[0]
+    assert 0 <= token < 50
+    if params.repetition_penalty == 1.0:  # no penalty: the argmax it tends to
+        assert token == int(logits.argmax())
+
+
+@pytest.mark.parametrize(
     ("params", "allowed"),
     [
         (SamplingParams(top_k=2), {0, 1}),
