@@ -184,12 +184,19 @@ class DeviceWorker:
         return slot.sleep() * self.pool.page_size
 
     def set_kv_limit(self, name: str, kv_bytes: int) -> int:
-        """Cap a model's KV cache; returns bytes it still holds beyond the cap."""
+        """Cap a model's KV cache; returns bytes it still holds beyond the cap. The cap is
+        hard (the pool's invariant): what running requests hold beyond it is taken back by
+        preempting them; they wait, to be recomputed, until they fit."""
         slot = self._slot(name)
-        if slot.engine is None:
+        engine = slot.engine
+        if engine is None:
             raise RuntimeError(f"model {name!r} has not been woken yet")
-        tenant = slot.engine.kv_cache.config.name
-        return self.pool.set_limit(tenant, kv_bytes // self.pool.page_size) * self.pool.page_size
+        limit = kv_bytes // self.pool.page_size
+        over = self.pool.set_limit(engine.kv_cache.config.name, limit)
+        if over > 0:
+            engine.release_memory(over)
+            over = max(0, engine.kv_cache.account.num_owned - limit)
+        return over * self.pool.page_size
 
     def _slot(self, name: str) -> ModelSlot:
         slot = self.models.get(name)
