@@ -29,7 +29,7 @@ from prism.memory import PagePool, make_vmm
 from prism.models.default import default_model_path
 from prism.server.admin_client import AdminClient, AdminError
 from prism.server.bench import add_bench_parser
-from prism.server.registry import ModelRegistry, ModelSpec, default_name
+from prism.server.registry import ModelRegistry, ModelSpec, Registry, default_name
 from prism.server.top import add_top_parser
 from prism.serving.worker import WorkerConfig, WorkerMode
 from prism.sim.cli import add_simulate_parser
@@ -124,7 +124,12 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     if args.mode == WorkerMode.STATIC.value and args.max_kv is None:
         raise SystemExit("prism serve: --mode static needs --max-kv (each model's KV share)")
     budget = args.budget if args.budget is not None else default_budget(args.device)
-    return WorkerConfig(device=args.device, budget_bytes=budget, mode=WorkerMode(args.mode))
+    return WorkerConfig(
+        device=args.device,
+        budget_bytes=budget,
+        mode=WorkerMode(args.mode),
+        max_inflight=args.max_inflight,
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -153,13 +158,14 @@ def _serve(args: argparse.Namespace) -> int:
     return _serve_registry(args, registry)
 
 
-def _serve_registry(args: argparse.Namespace, registry: ModelRegistry) -> int:
+def _serve_registry(args: argparse.Namespace, registry: Registry) -> int:
     import uvicorn
 
     from prism.server import create_app
 
-    for model in registry:
-        print(f"  {model.name}: {model.state.value}", flush=True)
+    if isinstance(registry, ModelRegistry):  # a fleet's models load when the server starts
+        for model in registry:
+            print(f"  {model.name}: {model.state.value}", flush=True)
     app = create_app(registry, api_key=args.api_key)
     print(_banner(args, registry.models()[0].name), flush=True)
     uvicorn.run(
@@ -172,8 +178,10 @@ def _serve_registry(args: argparse.Namespace, registry: ModelRegistry) -> int:
     return 0
 
 
-def _fleet_registry(args: argparse.Namespace) -> ModelRegistry:
-    """The models of a fleet file (`--config`), served in this process: one device."""
+def _fleet_registry(args: argparse.Namespace) -> Registry:
+    """The models of a fleet file (`--config`): one device served in this process; several
+    by the controller, a worker process per device (started with the server)."""
+    from prism.server.fleet_registry import FleetRegistry
     from prism.serving.fleet import FleetConfigError, in_process_worker, load_fleet
 
     options = ("model", "budget", "max_kv", "max_model_len")
@@ -184,11 +192,8 @@ def _fleet_registry(args: argparse.Namespace) -> ModelRegistry:
         fleet = load_fleet(args.config)
         devices = fleet.device_ids()
         if len(devices) > 1:
-            raise SystemExit(
-                f"prism serve: {fleet.path} lists {len(devices)} devices; the server serves "
-                "one device per process for now (the multi-device Controller runs from "
-                "Python: prism.serving.controller)"
-            )
+            print(f"fleet {fleet.path}: {len(fleet.models)} models on {list(devices)}", flush=True)
+            return FleetRegistry(fleet)
         for m in fleet.models:
             print(f"loading {m.name} from {m.source} on {devices[0]} ...", flush=True)
         worker = in_process_worker(fleet, preload=args.preload)
@@ -365,10 +370,20 @@ def _add_serve_parser(sub: Any, environ: Mapping[str, str]) -> None:
     )
     serve.add_argument("--max-model-len", type=int, default=None, help="tokens per request")
     serve.add_argument(
+        "--max-waiting-per-model",
         "--max-waiting",
+        dest="max_waiting",
         type=int,
         default=256,
         help="requests that may queue per model beyond those running; more get 429",
+    )
+    serve.add_argument(
+        "--max-inflight",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests in flight on the device over all models; more get 429 (default: "
+        "only the per-model bound)",
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,19 +11,23 @@ from prism.server.auth import ApiKeyMiddleware
 from prism.server.errors import install_error_handlers
 from prism.server.metrics import RequestCounter, ServerMetrics
 from prism.server.openapi import install_openapi
-from prism.server.registry import ModelRegistry
+from prism.server.registry import Registry
 from prism.server.routes import admin, chat, completions, models
 from prism.server.state import ServerState
 
 
-def create_app(registry: ModelRegistry, api_key: str | None = None) -> FastAPI:
-    """The app serves `registry` and shuts its engines down when it stops. With an
-    `api_key`, every route but /health requires `Authorization: Bearer <api_key>`."""
+def create_app(registry: Registry, api_key: str | None = None) -> FastAPI:
+    """The app serves `registry`, starting it on the server's event loop (a fleet's
+    controller and worker processes) and shutting its engines down when it stops. With
+    an `api_key`, every route but /health requires `Authorization: Bearer <api_key>`."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        await asyncio.to_thread(registry.close)
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.stop()
 
     app = FastAPI(title="Prism", summary="OpenAI-compatible LLM server", lifespan=lifespan)
     metrics = ServerMetrics(registry)

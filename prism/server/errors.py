@@ -61,9 +61,12 @@ _MEANINGS = {
     401: "A missing or wrong API key (when the server requires one)",
     404: "No model of that name",
     409: "The model's state rules it out now (requests in flight, no memory, ...)",
-    429: "The model's queue is full; retry after `Retry-After` seconds",
+    429: "The model's queue (or the device's bound on requests in flight) is full; the "
+    "message states the limit; retry after `Retry-After` seconds",
     500: "The engine failed while running the request",
-    503: "The model's worker is shut down",
+    503: "The model's worker is shut down, or the model could not be woken in time (the "
+    "device's memory held by other models' running requests); retry after `Retry-After` "
+    "seconds",
 }
 _HEADERS = {
     401: {"WWW-Authenticate": "The scheme to authenticate with: Bearer"},

@@ -14,12 +14,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from prism.engine.async_engine import (
-    EngineClosed,
-    EngineError,
-    EngineOverloaded,
-    RequestStream,
-)
+from prism.engine.async_engine import EngineClosed, EngineError, EngineOverloaded
 from prism.engine.output import RequestOutput
 from prism.engine.request import TokenLogprobs
 from prism.engine.sampling_params import SamplingParams
@@ -28,7 +23,9 @@ from prism.server import errors
 from prism.server.errors import APIError
 from prism.server.metrics import RequestTimer, ServerMetrics
 from prism.server.protocol import SamplingRequest, Usage
-from prism.server.registry import ServedModel
+from prism.server.registry import OutputStream, ServedModel
+from prism.serving.async_worker import Overloaded, WakeTimeout
+from prism.serving.worker_client import WorkerCrashed
 
 
 def new_id(prefix: str) -> str:
@@ -128,7 +125,7 @@ class Generation:
         self.request_id = request_id
         self.choices: list[Choice] = []
         self.num_prompt_tokens = 0
-        self._streams: list[RequestStream] = []
+        self._streams: list[OutputStream] = []
 
     async def start(self, prompts: list[list[int]], params: list[list[SamplingParams]]) -> None:
         """params[p][i]: sample i of prompts[p]. All requests are in the engine on return."""
@@ -141,8 +138,10 @@ class Generation:
                 "too_many_sequences",
                 "n",
             )
-        if not engine.has_capacity(total):
-            raise errors.overloaded(f"model {self.model.name!r} is busy; try again shortly")
+        try:
+            engine.check_capacity(total)
+        except Overloaded as e:
+            raise engine_error(e) from e
         self.num_prompt_tokens = sum(len(p) for p in prompts)
         requests = [
             (prompt, sample)
@@ -219,7 +218,7 @@ class Generation:
             stream.close()
 
 
-def _discard(adds: Sequence[asyncio.Future[RequestStream]]) -> None:
+def _discard(adds: Sequence[asyncio.Future[OutputStream]]) -> None:
     """Abort what was added of a request that failed as a whole."""
     for add in adds:
         if not add.done():
@@ -229,9 +228,13 @@ def _discard(adds: Sequence[asyncio.Future[RequestStream]]) -> None:
 
 
 def engine_error(error: Exception) -> APIError:
+    if isinstance(error, Overloaded):
+        return errors.overloaded(str(error), error.retry_after_s)
+    if isinstance(error, WakeTimeout):
+        return errors.unavailable(str(error), error.retry_after_s)
     if isinstance(error, EngineOverloaded):
         return errors.overloaded(str(error))
-    if isinstance(error, EngineClosed):
+    if isinstance(error, EngineClosed | WorkerCrashed):  # shut down; or restarting
         return errors.unavailable(str(error))
     if isinstance(error, EngineError):
         return errors.server_error(str(error))

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prism.engine.output import RequestOutput
-from prism.server.registry import ModelRegistry, ModelState
+from prism.server.registry import ModelState, Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -40,7 +40,7 @@ class RequestTimer:
 
 
 class ServerMetrics:
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: Registry) -> None:
         self.registry = CollectorRegistry()
         r, label = self.registry, [MODEL_LABEL]
         self.requests = Counter(
@@ -118,7 +118,7 @@ class ServerMetrics:
 class _EngineCollector(Collector):
     """Gauges read at scrape time from each worker's latest stats snapshot."""
 
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: Registry) -> None:
         self.models = models
 
     def collect(self) -> Iterator[Metric]:

@@ -53,6 +53,25 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+_EMPTY = [
+    {"type": "null"},
+    {"const": False},
+    {"const": ""},
+    {"type": "array", "maxItems": 0},
+    {"type": "object", "maxProperties": 0},
+]
+
+
+def _schema_extra(schema: dict[str, Any], cls: type) -> None:
+    """Document what the schema cannot say by type alone: each unsupported field accepts
+    only empty values (or its one harmless value), and the cross-field rules."""
+    properties = schema.setdefault("properties", {})
+    for name, harmless in getattr(cls, "UNSUPPORTED", {}).items():
+        accepted = _EMPTY if harmless is None else [*_EMPTY, {"const": harmless}]
+        properties[name] = {"anyOf": accepted, "description": "not supported by Prism"}
+    schema["allOf"] = list(getattr(cls, "SCHEMA_RULES", []))
+
+
 class SamplingRequest(BaseModel):
     """What completions and chat completions share."""
 
@@ -75,10 +94,9 @@ class SamplingRequest(BaseModel):
 
     # Fields we cannot honour → the one non-empty value that is harmless (None: none is).
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"logit_bias": None}
+    SCHEMA_RULES: ClassVar[list[dict[str, Any]]] = [_STREAM_OPTIONS_NEED_STREAM]
 
-    model_config = ConfigDict(
-        extra="allow", json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM]}
-    )
+    model_config = ConfigDict(extra="allow", json_schema_extra=_schema_extra)
 
     def check(self) -> None:
         """Raise FieldError for what the schema allows but we cannot serve."""
@@ -86,7 +104,7 @@ class SamplingRequest(BaseModel):
         for name, harmless in self.UNSUPPORTED.items():
             value = extra.get(name)
             empty = value is None or value is False or value in ("", [], {})
-            if not empty and value != harmless:
+            if not empty and not (type(value) is type(harmless) and value == harmless):
                 raise FieldError(name, "not supported")
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "only allowed when stream is true")
@@ -163,10 +181,10 @@ class ChatCompletionRequest(SamplingRequest):
         "audio": None,
         "response_format": {"type": "text"},
     }
-    model_config = ConfigDict(
-        extra="allow",
-        json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM, _TOP_LOGPROBS_NEED_LOGPROBS]},
-    )
+    SCHEMA_RULES: ClassVar[list[dict[str, Any]]] = [
+        _STREAM_OPTIONS_NEED_STREAM,
+        _TOP_LOGPROBS_NEED_LOGPROBS,
+    ]
 
     def check(self) -> None:
         super().check()

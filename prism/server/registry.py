@@ -4,11 +4,14 @@ Every model lives on the `AsyncWorker` of its device: one `DeviceWorker` (one pa
 per device, hosting all of that device's models, which sleep and wake as memory and
 load demand. Routes only ever `get(name)` a `ServedModel` and iterate `models()`; its
 `engine` (the model's `AsyncModel`) takes requests and wakes the model when it is not
-resident. This is the seam where the multi-device controller plugs in later.
+resident. `Registry`, `ModelEngine` and `ModelWorker` are what the routes use of them:
+`FleetRegistry` (fleet_registry.py) gives the same surface over the multi-device
+`Controller`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -16,12 +19,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
+from prism.engine.async_engine import EngineStats
 from prism.engine.engine import EngineConfig
+from prism.engine.output import RequestOutput
+from prism.engine.sampling_params import SamplingParams
 from prism.models.tokenizer import Tokenizer
 from prism.serving import model_slot
-from prism.serving.async_worker import AsyncModel, AsyncWorker
-from prism.serving.worker import DeviceWorker, WorkerConfig
+from prism.serving.async_worker import AsyncModel, AsyncWorker, WorkerSnapshot
+from prism.serving.worker import DeviceWorker, ModelStats, WorkerConfig, WorkerMode
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +47,85 @@ class ModelSpec:
     source: str  # HF directory or GGUF file
 
 
+class OutputStream(Protocol):
+    """One request's outputs; closing it before the end aborts the request."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    def __aiter__(self) -> OutputStream: ...
+
+    async def __anext__(self) -> RequestOutput: ...
+
+    def close(self) -> None: ...
+
+
+class ModelWorker(Protocol):
+    """The worker of one device, as the admin routes and metrics read it."""
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def mode(self) -> WorkerMode: ...
+
+    @property
+    def is_running(self) -> bool: ...
+
+    def stats(self) -> WorkerSnapshot:
+        """The latest snapshot (never waits)."""
+        ...
+
+
+class ModelEngine(Protocol):
+    """One served model's requests and admin calls: `AsyncModel` in-process,
+    `RoutedModel` over the controller."""
+
+    @property
+    def config(self) -> EngineConfig: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def weight_bytes(self) -> int: ...
+
+    @property
+    def max_requests(self) -> int: ...
+
+    @property
+    def worker(self) -> ModelWorker: ...
+
+    @property
+    def is_running(self) -> bool: ...
+
+    @property
+    def state(self) -> model_slot.ModelState: ...
+
+    @property
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def model_stats(self) -> ModelStats | None: ...
+
+    def check_capacity(self, count: int) -> None: ...
+
+    async def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> OutputStream: ...
+
+    async def wake(self) -> bool: ...
+
+    async def sleep(self) -> int: ...
+
+    async def set_kv_limit(self, kv_bytes: int) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ServedModel:
     name: str
     source: str
-    engine: AsyncModel  # takes its requests (and wakes it) on its device's worker
+    engine: ModelEngine  # takes its requests (and wakes it) on its device's worker
     tokenizer: Tokenizer
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -59,8 +140,29 @@ class ServedModel:
         return self.engine.config.max_model_len
 
     @property
-    def worker(self) -> AsyncWorker:
+    def worker(self) -> ModelWorker:
         return self.engine.worker
+
+
+class Registry(Protocol):
+    """What the server needs of its models: `ModelRegistry` (one device, in-process) or
+    `FleetRegistry` (a fleet over the controller). `start` and `stop` run on the
+    server's event loop, at its start and end."""
+
+    @property
+    def workers(self) -> Sequence[ModelWorker]: ...
+
+    def get(self, name: str) -> ServedModel | None: ...
+
+    def models(self) -> list[ServedModel]: ...
+
+    def __iter__(self) -> Iterator[ServedModel]: ...
+
+    def __len__(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class ModelRegistry:
@@ -124,6 +226,12 @@ class ModelRegistry:
 
     def __len__(self) -> int:
         return len(self._models)
+
+    async def start(self) -> None:
+        """Nothing to do: the workers run from construction."""
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         for worker in self.workers:

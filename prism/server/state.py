@@ -8,12 +8,12 @@ from fastapi import Request
 
 from prism.server import errors
 from prism.server.metrics import MODEL_LABEL, ServerMetrics
-from prism.server.registry import ModelRegistry, ServedModel
+from prism.server.registry import Registry, ServedModel
 
 
 @dataclass(frozen=True, slots=True)
 class ServerState:
-    models: ModelRegistry
+    models: Registry
     metrics: ServerMetrics
 
 

@@ -14,6 +14,12 @@ wake/sleep — so whoever gets an answer sees a snapshot at least as new as its 
 An exception from one model's engine step fails that model's requests (their streams
 raise `EngineError`) and aborts them; other models' requests carry on, and so does the
 thread. A failure the worker cannot pin on one model fails every request in flight.
+
+Overload is refused, never queued without bound: a model holds at most `max_num_seqs`
+running plus `max_waiting` waiting requests, the device at most `max_inflight` (its
+`WorkerConfig`) in all; one more raises `Overloaded` at once, with a Retry-After
+estimate. A request whose model cannot be woken within `wake_timeout_s` fails with
+`WakeTimeout`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +59,55 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_MAX_WAITING = 256
+MAX_RETRY_AFTER_S = 60
+
+
+class Overloaded(EngineOverloaded):
+    """A model's or the device's bound on requests in flight is reached; retry after
+    `retry_after_s` seconds."""
+
+    def __init__(self, message: str, model: str, limit: int, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.model = model
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.model, self.limit, self.retry_after_s)
+
+
+class WakeTimeout(EngineError):
+    """The request's model could not be woken in time (memory held by other models'
+    running requests); retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, model: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.model = model
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.model, self.retry_after_s)
+
+
+@dataclass(slots=True)
+class Latency:
+    """Recent mean seconds from a request's acceptance to its end (moving average)."""
+
+    mean_s: float = 0.0
+    weight: float = 0.1  # of the newest sample
+
+    def record(self, seconds: float) -> None:
+        if self.mean_s == 0.0:  # the first sample
+            self.mean_s = seconds
+        else:
+            self.mean_s += self.weight * (seconds - self.mean_s)
+
+
+def retry_after_s(waiting: int, in_flight: int, latency_s: float) -> int:
+    """Seconds until `waiting` requests ahead have drained. By Little's law the device
+    finishes `in_flight / latency_s` requests a second; at least 1, at most 60."""
+    seconds = waiting * latency_s / max(1, in_flight)
+    return min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds)))
 
 
 class ModelConflict(RuntimeError):
@@ -106,7 +163,9 @@ class AsyncModel:
         self.vocab_size = slot.config.vocab_size
         self.weight_bytes = slot.weight_bytes
         self.kv_bytes_per_token = slot.config.kv_bytes_per_token(slot.dtype)
+        self.max_waiting = max_waiting
         self.max_requests = self.config.max_num_seqs + max_waiting
+        self.latency = Latency()  # written on the worker thread
         self.worker = worker
         self._slot = slot
 
@@ -139,7 +198,12 @@ class AsyncModel:
         return self.worker.num_in_flight(self.name)
 
     def has_capacity(self, count: int) -> bool:
-        return self.num_in_flight + count <= self.max_requests
+        return self.worker.overload(self.name, count) is None
+
+    def check_capacity(self, count: int) -> None:
+        """Raise `Overloaded` if `count` more requests would pass a bound."""
+        if (error := self.worker.overload(self.name, count)) is not None:
+            raise error
 
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -188,7 +252,9 @@ class AsyncWorker:
         # stream), _stopping.
         self._commands: list[_Command] = []
         self._streams: dict[str, dict[str, RequestStream]] = {name: {} for name in self.models}
+        self._since: dict[str, float] = {}  # request id -> when it was accepted
         self._stopping = False
+        self.latency = Latency()  # over the device's requests; written on the worker thread
         self._replies: list[Callable[[], None]] = []  # worker thread only: sent after a snapshot
         self._stats = self._snapshot()
         self._thread = threading.Thread(
@@ -216,6 +282,40 @@ class AsyncWorker:
     def num_in_flight(self, model: str) -> int:
         return len(self._streams.get(model, ()))
 
+    @property
+    def total_in_flight(self) -> int:
+        return len(self._since)
+
+    def overload(self, model: str, count: int = 1) -> Overloaded | None:
+        """Why `count` more requests for `model` would be refused, or None: its bound of
+        `max_num_seqs` running + `max_waiting` waiting, or the device's `max_inflight`."""
+        owner = self._model(model)
+        in_flight = self.num_in_flight(model)
+        if in_flight + count > owner.max_requests:
+            retry = self._retry_after(model, in_flight)
+            return Overloaded(
+                f"model {model!r} has {in_flight} requests in flight, at most "
+                f"{owner.max_requests} ({owner.config.max_num_seqs} running + "
+                f"{owner.max_waiting} waiting); retry after {retry} s",
+                model, owner.max_requests, retry,
+            )  # fmt: skip
+        limit = self.worker.config.max_inflight
+        total = self.total_in_flight
+        if limit is not None and total + count > limit:
+            running = sum(m.running for m in self._stats.worker.models)
+            retry = retry_after_s(total - running, total, self.latency.mean_s)
+            return Overloaded(
+                f"device {self.device} has {total} requests in flight over all its models, "
+                f"at most {limit}; retry after {retry} s",
+                model, limit, retry,
+            )  # fmt: skip
+        return None
+
+    def _retry_after(self, model: str, in_flight: int) -> int:
+        stats = self._stats.model(model)
+        running = stats.running if stats is not None else 0
+        return retry_after_s(in_flight - running, in_flight, self.models[model].latency.mean_s)
+
     async def add_request(
         self, model: str, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> RequestStream:
@@ -232,12 +332,10 @@ class AsyncWorker:
                 raise KeyError(f"unknown model {model!r}; on this worker: {sorted(self.models)}")
             if any(request_id in streams for streams in self._streams.values()):
                 raise ValueError(f"request id {request_id!r} is already in use")
-            if not owner.has_capacity(1):
-                raise EngineOverloaded(
-                    f"model {model!r} has {self.num_in_flight(model)} requests in flight "
-                    f"(at most {owner.max_requests})"
-                )
+            if (overloaded := self.overload(model)) is not None:
+                raise overloaded
             self._streams[model][request_id] = stream
+            self._since[request_id] = time.monotonic()
             self._commands.append(_Add(model, prompt, params, request_id, accepted))
             self._cond.notify()
         try:
@@ -335,10 +433,14 @@ class AsyncWorker:
     def _release(self, model: str, request_id: str) -> None:
         """A stream was closed: abort its request unless the worker is done with it."""
         with self._cond:
-            streams = self._streams.get(model, {})
-            if streams.pop(request_id, None) is not None:
+            if self._forget(model, request_id) is not None:
                 self._commands.append(_Abort(request_id))
                 self._cond.notify()
+
+    def _forget(self, model: str, request_id: str) -> RequestStream | None:
+        """Under _cond: stop tracking a request; its stream, if it was still tracked."""
+        self._since.pop(request_id, None)
+        return self._streams.get(model, {}).pop(request_id, None)
 
     def _submit(self, command: _Command) -> None:
         with self._cond:
@@ -353,6 +455,7 @@ class AsyncWorker:
                 self._apply(command)
             if self.worker.has_work():
                 self._step()
+                self._expire_wakes()
             self._stats = self._snapshot()
             self._send_replies()
         self._shutdown()
@@ -387,7 +490,7 @@ class AsyncWorker:
             self.worker.submit(command.model, command.prompt, command.params, command.request_id)
         except Exception as e:
             with self._cond:
-                self._streams[command.model].pop(command.request_id, None)
+                self._forget(command.model, command.request_id)
             if not isinstance(e, ValueError):  # ValueError: the request itself is bad
                 logger.exception("worker %s: adding %s failed", self.device, command.request_id)
                 e = EngineError(f"model {command.model!r}: {type(e).__name__}: {e}")
@@ -431,12 +534,17 @@ class AsyncWorker:
             self._fail(model, error)
 
     def _deliver(self, model: str, output: RequestOutput) -> None:
+        since = None
         with self._cond:
-            streams = self._streams.get(model, {})
             if output.finished:
-                stream = streams.pop(output.request_id, None)
+                since = self._since.get(output.request_id)
+                stream = self._forget(model, output.request_id)
             else:
-                stream = streams.get(output.request_id)
+                stream = self._streams.get(model, {}).get(output.request_id)
+        if since is not None and model in self.models:
+            seconds = time.monotonic() - since
+            self.models[model].latency.record(seconds)
+            self.latency.record(seconds)
         if stream is not None:
             self._replies.append(partial(put_soon, stream, output))
 
@@ -448,7 +556,7 @@ class AsyncWorker:
             registered = self._streams.get(model, {})
             streams = {i: s for i, s in registered.items() if i not in queued}
             for request_id in streams:
-                del registered[request_id]
+                self._forget(model, request_id)
         engine = self.worker.models[model].engine
         scheduler = engine.scheduler if engine is not None else None
         held = [r.request_id for r in (*scheduler.running, *scheduler.waiting)] if scheduler else []
@@ -458,6 +566,22 @@ class AsyncWorker:
             except Exception:
                 logger.exception("worker %s: abort of %s failed", self.device, request_id)
         for stream in streams.values():
+            self._replies.append(partial(put_soon, stream, error))
+
+    def _expire_wakes(self) -> None:
+        """Fail the requests that waited too long for their model to wake."""
+        timeout = self.worker.config.wake_timeout_s
+        for model, request_id in self.worker.expire_pending():
+            with self._cond:
+                stream = self._forget(model, request_id)
+            if stream is None:
+                continue
+            retry = min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.latency.mean_s)))
+            error = WakeTimeout(
+                f"model {model!r} could not be woken within {timeout:g} s: the device's "
+                f"memory is held by other models' running requests; retry after {retry} s",
+                model, retry,
+            )  # fmt: skip
             self._replies.append(partial(put_soon, stream, error))
 
     def _sleep_now(self, model: str) -> int:

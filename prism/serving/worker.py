@@ -40,6 +40,12 @@ class WorkerConfig:
     # Host memory for the models' host copies; beyond it the least recently used models
     # that are not active drop theirs (their next wake reads the checkpoint). None: no cap.
     host_budget_bytes: int | None = None
+    # Requests in flight on this device over all its models (enforced by `AsyncWorker`,
+    # beyond the per-model bounds); more are refused. None: only the per-model bounds.
+    max_inflight: int | None = None
+    # How long a request may wait for its model to wake (the memory held by other models'
+    # running requests) before `expire_pending` drops it. None: as long as it takes.
+    wake_timeout_s: float | None = 30.0
 
 
 class StepError(RuntimeError):
@@ -63,6 +69,7 @@ class _Pending:
     prompt: str | list[int]
     params: SamplingParams
     request_id: str
+    since: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +357,20 @@ class DeviceWorker:
                 assert slot.engine is not None
                 slot.engine.add_request(pending.prompt, pending.params, pending.request_id)
                 self._pending.remove(pending)
+
+    def expire_pending(self) -> list[tuple[str, str]]:
+        """Drop the requests that have waited `wake_timeout_s` or more for their model to
+        wake; returns their (model, request id). The step never drops a request itself:
+        whoever drives the loop calls this and tells the requests' owners."""
+        timeout = self.config.wake_timeout_s
+        if timeout is None or not self._pending:
+            return []
+        cutoff = time.monotonic() - timeout
+        expired = [p for p in self._pending if p.since <= cutoff]
+        for pending in expired:
+            self._pending.remove(pending)
+            self._owner.pop(pending.request_id, None)
+        return [(p.model, p.request_id) for p in expired]
 
     def run_until_idle(self, max_steps: int = 100_000) -> list[tuple[str, RequestOutput]]:
         outputs: list[tuple[str, RequestOutput]] = []

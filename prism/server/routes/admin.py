@@ -14,9 +14,10 @@ from prism.engine.async_engine import EngineClosed
 from prism.server import errors
 from prism.server.errors import documented
 from prism.server.metrics import CONTENT_TYPE
-from prism.server.registry import ServedModel
+from prism.server.registry import ModelWorker, ServedModel
 from prism.server.state import server_state
-from prism.serving.async_worker import AsyncWorker, ModelConflict
+from prism.serving.async_worker import ModelConflict
+from prism.serving.worker_client import WorkerCrashed
 
 router = APIRouter()
 
@@ -153,7 +154,7 @@ async def _admin_call(call: Awaitable[T]) -> T:
     """Await a worker call, its refusals turned into API errors."""
     try:
         return await call
-    except EngineClosed as e:
+    except (EngineClosed, WorkerCrashed) as e:  # shut down; or restarting after a crash
         raise errors.unavailable(str(e)) from e
     except ModelConflict as e:
         raise errors.conflict(str(e)) from e
@@ -187,7 +188,7 @@ def _row(model: ServedModel) -> AdminModel:
     )
 
 
-def _device(worker: AsyncWorker) -> AdminDevice:
+def _device(worker: ModelWorker) -> AdminDevice:
     snapshot = worker.stats()
     pool = snapshot.pool
     tenants = []
