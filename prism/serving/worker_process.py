@@ -41,7 +41,13 @@ from prism.engine.async_engine import (
 from prism.engine.output import RequestOutput
 from prism.engine.sampling_params import SamplingParams
 from prism.memory import PoolError
-from prism.serving.async_worker import DEFAULT_MAX_WAITING, ModelConflict, WorkerSnapshot
+from prism.serving.async_worker import (
+    DEFAULT_MAX_WAITING,
+    ModelConflict,
+    Overloaded,
+    WakeTimeout,
+    WorkerSnapshot,
+)
 from prism.serving.model_slot import ModelSpec
 from prism.serving.worker import WorkerConfig
 from prism.serving.worker_client import LocalWorker, ModelInfo, WorkerClient, WorkerCrashed
@@ -84,6 +90,8 @@ class Shutdown:
 class RemoteError:
     kind: str  # exception class name
     message: str
+    # Errors whose fields the server answers with (Retry-After) travel whole (pickled).
+    exception: Exception | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +136,13 @@ _ERRORS: dict[str, type[Exception]] = {
 def encode_error(error: BaseException) -> RemoteError:
     kind = next((c.__name__ for c in type(error).__mro__ if c.__name__ in _ERRORS), "RuntimeError")
     message = str(error.args[0]) if len(error.args) == 1 else str(error)
-    return RemoteError(kind, message)
+    whole = error if isinstance(error, (Overloaded, WakeTimeout)) else None
+    return RemoteError(kind, message, whole)
 
 
 def decode_error(error: RemoteError) -> Exception:
+    if error.exception is not None:
+        return error.exception
     return _ERRORS.get(error.kind, RuntimeError)(error.message)
 
 

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import multiprocessing
 import os
+import pickle
 import signal
 from collections.abc import Coroutine, Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from prism.engine import EngineConfig
 from prism.engine.async_engine import EngineClosed, EngineError, EngineOverloaded
 from prism.engine.request import FinishReason
 from prism.models.config import ModelConfig
-from prism.serving.async_worker import ModelConflict
+from prism.serving.async_worker import ModelConflict, Overloaded, WakeTimeout
 from prism.serving.model_slot import ModelSpec
 from prism.serving.worker import WorkerConfig, WorkerMode
 from prism.serving.worker_client import LocalWorker, WorkerClient, WorkerCrashed
@@ -72,6 +73,11 @@ def test_errors_cross_as_their_own_class() -> None:
         assert type(back) is cls and back.args == error.args
     assert encode_error(ZeroDivisionError("what")) == RemoteError("RuntimeError", "what")
     assert type(decode_error(RemoteError("SomethingElse", "x"))) is RuntimeError
+    # Errors the server answers with their fields (Retry-After) cross whole, through the
+    # pipe's pickling.
+    for error in (Overloaded("full", "m", 8, 7), WakeTimeout("asleep", "m", 3)):
+        back = decode_error(pickle.loads(pickle.dumps(encode_error(error))))
+        assert type(back) is type(error) and back.retry_after_s == error.retry_after_s
 
 
 async def _tokens(worker: WorkerClient, model: str, request_id: str, n: int) -> list[int]:
