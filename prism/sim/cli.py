@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from prism.sim.experiments import (
 )
 from prism.sim.gpu import GPUConfig
 from prism.sim.metrics import SimResult
-from prism.sim.policies import POLICIES
+from prism.sim.policies import KNOWN, POLICIES
+from prism.sim.progress import ProgressBar
 from prism.sim.workloads import (
     DEFAULT_TRACES,
     Lengths,
@@ -51,11 +51,20 @@ def add_simulate_parser(sub: Any) -> None:
     p.add_argument("--rate", type=float, default=20.0, help="bursty: total requests/s")
     p.add_argument("--cv", type=float, default=2.0, help="bursty: inter-arrival CV")
     p.add_argument("--alpha", type=float, default=1.0, help="Zipf popularity exponent")
-    p.add_argument("--category", default="language/m-large", help="servegen category")
+    p.add_argument(
+        "--category", default="language/m-large", help="servegen categories (comma list)"
+    )
+    p.add_argument(
+        "--mapping", choices=["top", "fold"], default="top",
+        help="servegen: busiest clients one per model (top), or all clients dealt onto the models",
+    )  # fmt: skip
     p.add_argument("--start", type=float, default=0.0, help="servegen: trace second to start at")
     p.add_argument("--lengths", choices=["synthetic", "azure", "mooncake"], default="synthetic")
     p.add_argument("--rate-scale", type=_floats, default=[1.0], help="comma list")
     p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument(
+        "--replicas", type=int, default=1, help="independent copies of every arrival process"
+    )
     p.add_argument("--policy", type=_names, default=list(POLICIES), help="comma list")
     p.add_argument("--gpus", type=_ints, default=[8], help="comma list")
     p.add_argument("--slo-scale", type=_floats, default=[5.0], help="comma list")
@@ -83,9 +92,9 @@ def _ints(text: str) -> list[int]:
 
 def _names(text: str) -> list[str]:
     names = [x for x in text.split(",") if x]
-    unknown = [n for n in names if n not in POLICIES]
+    unknown = [n for n in names if n not in KNOWN]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown policy {unknown}; known: {list(POLICIES)}")
+        raise argparse.ArgumentTypeError(f"unknown policy {unknown}; known: {list(KNOWN)}")
     return names
 
 
@@ -100,36 +109,26 @@ def _lengths(args: argparse.Namespace) -> Lengths:
 def make_workload(args: argparse.Namespace, rate_scale: float) -> Workload:
     if args.workload == "servegen":
         return servegen(
-            args.models, args.duration, traces=args.traces, category=args.category,
-            start_s=args.start, lengths=_lengths(args), rate_scale=rate_scale,
-            time_scale=args.time_scale, seed=args.seed,
+            args.models, args.duration, traces=args.traces, category=args.category.split(","),
+            mapping=args.mapping, start_s=args.start, lengths=_lengths(args),
+            rate_scale=rate_scale, time_scale=args.time_scale, replicas=args.replicas,
+            seed=args.seed,
         )  # fmt: skip
     if args.workload == "azure":
         return azure_trace(
             args.models, traces=args.traces, alpha=args.alpha, duration_s=args.duration,
-            rate_scale=rate_scale, time_scale=args.time_scale, seed=args.seed,
+            rate_scale=rate_scale, time_scale=args.time_scale, replicas=args.replicas,
+            seed=args.seed,
         )  # fmt: skip
     return bursty_groups(
         args.models, args.duration, args.rate, cv=args.cv, alpha=args.alpha,
-        lengths=_lengths(args), rate_scale=rate_scale, time_scale=args.time_scale, seed=args.seed,
+        lengths=_lengths(args), rate_scale=rate_scale, time_scale=args.time_scale,
+        replicas=args.replicas, seed=args.seed,
     )  # fmt: skip
 
 
-def _progress(
-    enabled: bool, label: str, total: float
-) -> tuple[Callable[[float], None] | None, Any]:
-    if not enabled:
-        return None, None
-    try:
-        from tqdm import tqdm  # type: ignore[import-untyped]
-    except ImportError:
-        return None, None
-    bar = tqdm(total=round(total), desc=label, unit="sim-s", leave=False, file=sys.stderr)
-
-    def update(now: float) -> None:
-        bar.update(max(0, min(round(now), bar.total) - bar.n))
-
-    return update, bar
+def _progress(enabled: bool, label: str, total: float) -> ProgressBar | None:
+    return ProgressBar(label, total) if enabled else None
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -144,16 +143,16 @@ def simulate(args: argparse.Namespace) -> int:
     for rate_scale in args.rate_scale:
         scenario = Scenario(make_workload(args, rate_scale), models, gpu, cost)
         if slos is None:
-            tick, bar = _progress(show, "solo", scenario.workload.duration_s)
-            slos, _ = solo_slos(scenario, tick)
+            bar = _progress(show, "solo", scenario.workload.duration_s)
+            slos, _ = solo_slos(scenario, bar)
             _close(bar)
             report["solo_p95"] = {"ttft_s": slos.ttft_s.tolist(), "tpot_s": slos.tpot_s.tolist()}
         for policy in args.policy:
             for gpus in args.gpus:
                 for scale in args.slo_scale:
                     label = f"{policy} {gpus} GPUs x{scale:g} rate x{rate_scale:g}"
-                    tick, bar = _progress(show, label, scenario.workload.duration_s)
-                    result, att = run_at(scenario, policy, gpus, slos, scale, tick)
+                    bar = _progress(show, label, scenario.workload.duration_s)
+                    result, att = run_at(scenario, policy, gpus, slos, scale, bar)
                     _close(bar)
                     row = summary_row(result, att, rate_scale=rate_scale, slo_scale=scale)
                     report["runs"].append(row)
@@ -174,7 +173,7 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _close(bar: Any) -> None:
+def _close(bar: ProgressBar | None) -> None:
     if bar is not None:
         bar.close()
 

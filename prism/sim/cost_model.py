@@ -112,10 +112,12 @@ class Calibration:
     decode_overhead: float = 1.593  # engine step / floor, mean over batch 1..128 (8B, ctx 512)
     # prefill achieved / matmul rate, by tokens in the step (8B): 512, 2048, 8192 tokens
     prefill_points: tuple[tuple[int, float], ...] = ((512, 0.633), (2048, 0.807), (8192, 0.816))
-    wake_overhead: float = 1.754  # wake / (bytes / H2D), least-squares slope over 1B, 3B, 8B
-    wake_fixed_s: float = 0.021  # its intercept: per-wake work that does not scale with bytes
+    # wake / (bytes / H2D), least-squares slope over 1B, 3B, 8B (the copy runs as the
+    # pages map, so a wake is close to the bare copy)
+    wake_overhead: float = 1.001
+    wake_fixed_s: float = 0.0059  # its intercept: per-wake work that does not scale with bytes
     unmap_s_per_gib: float = 0.0131  # sleep: unmapping 1 GiB of pages (bench_memory shrink)
-    source: str = "defaults (H200 runs of commits 85d4f27, abb1f6e, 8a508d1)"
+    source: str = "defaults (H200 runs of commits 85d4f27, dee4692, 8a508d1)"
     _tokens: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from prism.sim.metrics import SimResult, solo_p95
 from prism.sim.policies import make_policy
 from prism.sim.request import SimModel
 from prism.sim.simulator import SimConfig, Simulator
-from prism.sim.workloads import Workload
+from prism.sim.workloads import Stream, SyntheticLengths, Workload, steady_streams
 
 Progress = Callable[[float], None]
 
@@ -100,11 +100,14 @@ def run_at(
     slos: SLOs,
     scale: float,
     progress: Progress | None = None,
+    *,
+    after_s: float = 0.0,
 ) -> tuple[SimResult, dict[str, float]]:
-    """One run with SLOs at `scale`; returns the result and its attainment."""
+    """One run with SLOs at `scale`; returns the result and its attainment (of requests
+    arriving from `after_s` on)."""
     models = slos.models(scenario.models, scale)
     result = scenario.run(policy, gpus, models, progress)
-    return result, result.attainment(*slos.scaled(scale))
+    return result, result.attainment(*slos.scaled(scale), after_s=after_s)
 
 
 def fewest_gpus(
@@ -115,23 +118,29 @@ def fewest_gpus(
     *,
     target: float = 0.99,
     metric: str = "ttft",
+    min_gpus: int = 1,
     max_gpus: int = 64,
+    after_s: float = 0.0,
     progress: Progress | None = None,
+    on_run: Callable[[int, SimResult, dict[str, float]], None] | None = None,
 ) -> tuple[int | None, dict[int, dict[str, float]]]:
-    """Smallest GPU count whose `metric` attainment reaches `target` (binary search;
-    attainment is taken to grow with GPUs). None if `max_gpus` does not reach it.
-    Returns it and the attainment of every count tried."""
+    """Smallest GPU count in [min_gpus, max_gpus] whose `metric` attainment (of requests
+    arriving from `after_s` on) reaches `target`: binary search, attainment taken to
+    grow with GPUs. None if `max_gpus` does not reach it. Returns it and the attainment
+    of every count tried; `on_run(gpus, result, attainment)` sees every run."""
     tried: dict[int, dict[str, float]] = {}
 
     def ok(gpus: int) -> bool:
         if gpus not in tried:
-            result, att = run_at(scenario, policy, gpus, slos, scale, progress)
+            result, att = run_at(scenario, policy, gpus, slos, scale, progress, after_s=after_s)
             tried[gpus] = {**att, "wall_s": result.wall_s}
+            if on_run is not None:
+                on_run(gpus, result, att)
         return tried[gpus][metric] >= target
 
     if not ok(max_gpus):
         return None, tried
-    lo, hi = 0, max_gpus  # ok(hi) holds; ok(lo) is taken to fail
+    lo, hi = min_gpus - 1, max_gpus  # ok(hi) holds; ok(lo) is taken to fail
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if ok(mid):
@@ -143,3 +152,31 @@ def fewest_gpus(
 
 def summary_row(result: SimResult, attainment: dict[str, float], **extra: Any) -> dict[str, Any]:
     return {**extra, **result.summary(), "attainment": attainment}
+
+
+def always_busy_four(
+    duration_s: float, *, rate_scale: float = 1.0, seed: int = 0
+) -> tuple[Workload, list[SimModel]]:
+    """Four models, each loaded all the time, where KV pressure alone places badly.
+
+    - m0 (8B) decodes long answers: 1 req/s, 1,024 in / 1,024 out — the largest KV demand,
+      little compute (one batched decode step at a time);
+    - m1, m2 (3B) prefill long prompts and answer in a few tokens: 13 req/s of 4,096 in /
+      8 out each — ~60% of a GPU's compute each, little KV (few tokens in flight);
+    - m3 (3B) decodes: 0.5 req/s, 1,024 in / 512 out.
+
+    The KV-pressure greedy puts m0 alone (its demand dwarfs the rest) and m1 and m2
+    together (they hold little KV), which is 120% of one GPU's compute; a compute term
+    splits them. At t = 0 no rates are known and both place by weights, which also puts
+    m1 and m2 together: the difference is whether re-placement sees the overload."""
+    streams = [
+        Stream(1.0, SyntheticLengths(1024, 1024, 0.5)),
+        Stream(13.0, SyntheticLengths(4096, 8, 0.25)),
+        Stream(13.0, SyntheticLengths(4096, 8, 0.25)),
+        Stream(0.5, SyntheticLengths(1024, 512, 0.5)),
+    ]
+    workload = steady_streams(
+        streams, duration_s, rate_scale=rate_scale, seed=seed, name="always-busy-four"
+    )
+    shapes = ["llama-3.1-8b", "llama-3.2-3b", "llama-3.2-3b", "llama-3.2-3b"]
+    return workload, make_models(shapes)

@@ -210,7 +210,7 @@ class Instance:
 
     def decode_rounds_possible(self) -> int:
         """Rounds until the first running request finishes."""
-        return min((r.remaining for r in self.decoding), default=0)
+        return min((r.output - r.generated for r in self.decoding), default=0)
 
     def decode_kv_tokens(self) -> int:
         return sum(r.kv_tokens for r in self.decoding)
@@ -220,7 +220,17 @@ class Instance:
         rounds that memory allows (fewer when short; requests are preempted when not
         even one more token fits)."""
         size = self.kv.block_size
-        for request in sorted(self.decoding, key=lambda r: (r.arrival, r.id)):
+        # Only requests whose blocks run out within `rounds` allocate (`rounds` only
+        # shrinks below, so this is every request that could); the age order matters
+        # only among them.
+        needy = [
+            r
+            for r in self.decoding
+            if (r.kv_tokens + rounds + size - 1) // size > len(r.blocks or ())
+        ]
+        if len(needy) > 1:
+            needy.sort(key=lambda r: (r.arrival, r.id))
+        for request in needy:
             if request.blocks is None:
                 continue  # preempted below, for an older request
             need = self.kv.blocks_for(request.kv_tokens + rounds) - len(request.blocks)
@@ -245,17 +255,21 @@ class Instance:
 
     def decode(self, rounds: int, now: float) -> list[SimRequest]:
         """Every decode produced `rounds` tokens, the last at `now`."""
-        done = []
+        if not rounds:
+            return []
+        finished = False
         for request in self.decoding:
             request.generated += rounds
             request.kv_tokens += rounds
-            if request.remaining <= 0:
-                done.append(request)
+            if request.generated >= request.output:
+                finished = True
+        self.last_used = now
+        if not finished:
+            return []
+        done = [r for r in self.decoding if r.generated >= r.output]
+        self.decoding = [r for r in self.decoding if r.generated < r.output]
         for request in done:
-            self.decoding.remove(request)
             self._finish(request, now)
-        if rounds:
-            self.last_used = now
         return done
 
     def _finish(self, request: SimRequest, now: float) -> None:

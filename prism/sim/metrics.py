@@ -111,13 +111,18 @@ class SimResult:
     def finished(self) -> np.ndarray:
         return ~np.isnan(self.tpot)
 
-    def attainment(self, ttft_slo: np.ndarray, tpot_slo: np.ndarray) -> dict[str, float]:
+    def attainment(
+        self, ttft_slo: np.ndarray, tpot_slo: np.ndarray, after_s: float = 0.0
+    ) -> dict[str, float]:
         """Fractions of requests meeting their model's TTFT SLO, TPOT SLO, and both;
-        `ttft_slo` and `tpot_slo` are per model ([num_models] seconds)."""
-        if len(self.model) == 0:
+        `ttft_slo` and `tpot_slo` are per model ([num_models] seconds). With `after_s`,
+        only requests arriving from then on count (a warm-up left out)."""
+        kept = self.arrival >= after_s
+        if not kept.any():
             return {"ttft": 1.0, "tpot": 1.0, "both": 1.0}
-        ttft_ok = np.nan_to_num(self.ttft, nan=np.inf) <= ttft_slo[self.model]
-        tpot_ok = np.nan_to_num(self.tpot, nan=np.inf) <= tpot_slo[self.model]
+        model = self.model[kept]
+        ttft_ok = np.nan_to_num(self.ttft[kept], nan=np.inf) <= ttft_slo[model]
+        tpot_ok = np.nan_to_num(self.tpot[kept], nan=np.inf) <= tpot_slo[model]
         return {
             "ttft": float(ttft_ok.mean()),
             "tpot": float(tpot_ok.mean()),
@@ -125,8 +130,11 @@ class SimResult:
         }
 
     def summary(self) -> dict[str, Any]:
+        """Counters and latencies; throughput both over the workload's span and over busy
+        GPU time (what the GPUs produced per second they were stepping or waking)."""
         done = self.finished
         tokens = int(self.output_tokens[done].sum())
+        busy = float(np.sum(self.busy_s)) if self.busy_s else 0.0
         return {
             "policy": self.policy,
             "gpus": self.num_gpus,
@@ -136,6 +144,9 @@ class SimResult:
             "dropped": self.dropped,
             "throughput_rps": float(done.sum() / self.duration_s),
             "throughput_tokens_s": tokens / self.duration_s,
+            "busy_gpu_s": busy,
+            "busy_throughput_rps": float(done.sum()) / busy if busy > 0 else 0.0,
+            "busy_throughput_tokens_s": tokens / busy if busy > 0 else 0.0,
             "ttft_p50_s": _pct(self.ttft, 50),
             "ttft_p99_s": _pct(self.ttft, 99),
             "tpot_p50_s": _pct(self.tpot, 50),

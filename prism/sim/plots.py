@@ -88,15 +88,46 @@ def memory_over_time(
         shown = [int(m) for m in order[:top] if total[:, m].any()]
         layers = [total[:, m] for m in shown]
         labels = [names[m] for m in shown]
+        colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(layers))]
         rest = np.delete(total, shown, axis=1).sum(axis=1)
         if rest.any():
             layers.append(rest)
             labels.append("others")
-        ax.stackplot(times / 60.0, *layers, labels=labels)
+            colors.append("lightgrey")
+        ax.stackplot(times / 60.0, *layers, labels=labels, colors=colors)
         ax.legend(fontsize=7, loc="upper left", ncol=2)
     ax.set_xlabel("time (min)")
     ax.set_ylabel("GPU memory (GiB)")
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def attainment_points(
+    path: str | Path,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    title: str,
+    target: float | None = 0.99,
+    ylabel: str = "SLO attainment",
+    ylim: tuple[float, float] = (-0.02, 1.02),
+) -> None:
+    """One line per policy over its own x values (e.g. the GPU counts a search tried)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in series.items():
+        order = np.argsort(xs)
+        ax.plot(np.asarray(xs)[order], np.asarray(ys)[order], marker="o", label=name)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"{target:.0%}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

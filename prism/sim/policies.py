@@ -8,12 +8,17 @@ GPU admits requests, and when a model sleeps.
   a fixed KV quota (its share of the GPU's memory after weights); never sleeps.
 - `swap`: models spread over GPUs; one resident model per GPU at a time, swapped
   whole on demand (the resident one drains first).
-- `prism`: `KVPressurePlacement` re-run every interval on sliding-window rates,
+- `prism`: the paper's Algorithm 1 re-run every interval on sliding-window rates: the
+  KV-pressure greedy, a model moving only when that lowers its pressure by more than the
+  migration threshold τ (`ComputeAwarePlacement` with its compute term, move cap and
+  residence time switched off: what is left is KV pressure plus hysteresis τ);
   Moore–Hodgson admission (`LocalScheduler`), elastic memory with the worker's pressure
   hooks, and idle eviction: every model idle past the threshold sleeps (a timer).
-- `prism+`: `ComputeAwarePlacement` (compute term, hysteresis, migration cap) and
-  `EvictionPolicy`'s score: idle models sleep only under memory pressure, cheapest
-  expected wake stall first.
+- `prism-no-tau` (ablation, not in the default set): `KVPressurePlacement` as is,
+  stateless, so every re-placement may move any model.
+- `prism+`: `ComputeAwarePlacement` (compute term, hysteresis, a cap of one move per GPU
+  per minute, residence time) re-run every 10 s, and `EvictionPolicy`'s score: idle
+  models sleep only under memory pressure, cheapest expected wake stall first.
 
 The baselines admit first come, first served (`FIFOOrder`). Everything that decides
 is a baseline's fixed plan or a class of `prism.serving.policies`, used unchanged;
@@ -22,10 +27,13 @@ is a baseline's fixed plan or a class of `prism.serving.policies`, used unchange
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from prism.serving.policies import (
+    ComputeAwareConfig,
     ComputeAwarePlacement,
     EvictionConfig,
     EvictionPolicy,
@@ -171,9 +179,12 @@ class PrismPolicy(Policy):
     mode = ELASTIC
     scheduler = LocalScheduler
 
-    def __init__(self, name: str, placement: PlacementPolicy, config: PrismConfig) -> None:
+    def __init__(
+        self, name: str, placement: Callable[[int], PlacementPolicy], config: PrismConfig
+    ) -> None:
         self.name = name
-        self.placement = placement
+        self.make_placement = placement  # number of GPUs -> the placement policy
+        self.placement: PlacementPolicy | None = None
         self.config = config
         self.stats: list[ModelStats] = []
         self.eviction: EvictionPolicy | None = None
@@ -186,6 +197,7 @@ class PrismPolicy(Policy):
         self.eviction = EvictionPolicy(EvictionConfig(self.config.idle_threshold_s, effective_h2d))
 
     def setup(self, sim: Simulator) -> None:
+        self.placement = self.make_placement(len(sim.gpus))
         self._replace(sim, 0.0)
 
     def on_arrival(self, sim: Simulator, request: SimRequest, now: float) -> None:
@@ -212,7 +224,9 @@ class PrismPolicy(Policy):
             model_demand(m, self.stats[m.index], now, sim.cost, overhead) for m in sim.models
         ]
         current = {sim.models[m].name: str(g[0]) for m, g in sim.homes.items() if g}
-        placement = self.placement.place(demands, [device_info(g) for g in sim.gpus], current, now)
+        assert self.placement is not None, "setup() first"
+        devices = [device_info(g) for g in sim.gpus]
+        placement = self.placement.place(demands, devices, current, now)
         index = {m.name: m.index for m in sim.models}
         for name, device in placement.assignment.items():
             model, gpu = index[name], int(device)
@@ -235,13 +249,38 @@ class PrismPolicy(Policy):
             sim.sleep(gpu.index, int(victim.name))
 
 
+# The paper's migration threshold τ, in units of KV pressure (Σ demand / KV memory of a
+# device); the same value as prism+'s hysteresis, so the two differ only in what they add.
+PAPER_TAU = ComputeAwareConfig().min_improvement
+
+
 def _prism() -> Policy:
-    return PrismPolicy("prism", KVPressurePlacement(), PrismConfig())
+    kv_pressure_only = ComputeAwareConfig(
+        overload_penalty=0.0,
+        min_improvement=PAPER_TAU,
+        max_migrations=sys.maxsize,
+        min_residence_s=0.0,
+    )
+    return PrismPolicy("prism", lambda gpus: ComputeAwarePlacement(kv_pressure_only), PrismConfig())
+
+
+def _prism_no_tau() -> Policy:
+    return PrismPolicy("prism-no-tau", lambda gpus: KVPressurePlacement(), PrismConfig())
+
+
+def _prism_plus_placement(gpus: int) -> PlacementPolicy:
+    """ComputeAwarePlacement with its move cap scaled to the cluster: one move per GPU
+    per window (at least the default 2). A cluster-wide 2 per minute moved the neighbours
+    of a model that turned hot off its GPU one by one, over minutes (measured on the
+    58-model workload: 13 GPUs needed instead of 12); hysteresis and the residence time
+    still keep any one model from moving back and forth."""
+    default = ComputeAwareConfig()
+    return ComputeAwarePlacement(replace(default, max_migrations=max(default.max_migrations, gpus)))
 
 
 def _prism_plus() -> Policy:
     config = PrismConfig(placement_interval_s=10.0, pressure_gated=True)
-    return PrismPolicy("prism+", ComputeAwarePlacement(), config)
+    return PrismPolicy("prism+", _prism_plus_placement, config)
 
 
 POLICIES = {
@@ -251,10 +290,12 @@ POLICIES = {
     "prism": _prism,
     "prism+": _prism_plus,
 }
+ABLATIONS = {"prism-no-tau": _prism_no_tau}  # accepted by name, not run by default
+KNOWN = {**POLICIES, **ABLATIONS}
 
 
 def make_policy(name: str) -> Policy:
     try:
-        return POLICIES[name]()
+        return KNOWN[name]()
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}") from None
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(KNOWN)}") from None

@@ -63,6 +63,7 @@ class Simulator:
         self.now = 0.0
         self._events: list[tuple[float, int, int, int, int]] = []
         self._seq = 0
+        self._progress: Callable[[float], None] | None = None
         self.memory = MemoryTrace(len(self.models))
 
     # ---- used by policies ---------------------------------------------------------------
@@ -132,6 +133,7 @@ class Simulator:
 
     def _run(self, progress: Callable[[float], None] | None) -> SimResult:
         start_wall = time.perf_counter()
+        self._progress = progress
         self.policy.setup(self)
         for gpu in range(len(self.gpus)):
             self.kick(gpu)
@@ -176,6 +178,8 @@ class Simulator:
         elif kind == _TICK:
             self.policy.tick(self, self.now)
             self._push(self.now + self.config.tick_s, _TICK, 0, 0)
+            if self._progress is not None:
+                self._progress(self.now)
         else:
             self.memory.sample(self.now, self.gpus)
             self._push(self.now + self.config.sample_s, _SAMPLE, 0, 0)

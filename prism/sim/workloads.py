@@ -7,16 +7,22 @@ the others' streams.
 
 - `bursty_groups`: gamma inter-arrivals with a chosen CV, power-law (Zipf) popularity,
   models in groups of which a few are hot at a time; the hot set rotates every period.
-- `servegen`: ServeGen per-client rate windows (600 s, rate and CV each); the busiest
-  N clients of a category become the N simulated models.
+- `servegen`: ServeGen per-client rate windows (600 s, rate and CV each) of one or more
+  categories; the busiest N clients become the N simulated models (`mapping="top"`), or
+  every client is dealt onto the N models by volume rank (`mapping="fold"`: all of the
+  trace's load is kept, each model a sum of clients).
 - `azure_trace`: the Azure LLM 2023 code trace's arrivals and lengths, one request
   stream split over N models by power-law popularity.
 - Lengths: `SyntheticLengths` (log-normal), or `TraceLengths` drawn from the Azure LLM
   2023 or Mooncake FAST'25 traces.
 
-Load scaling: `rate_scale` multiplies every rate; `time_scale` stretches the timeline
-(0.1 makes a rate pattern change ten times as fast). For a recorded arrival trace both
-act on the timestamps, so there they are the same knob.
+Load scaling: `rate_scale` multiplies every rate (same burstiness); `replicas` runs
+that many independent copies of every arrival process and adds them up (the load of k
+clients like this one: k× the rate, burstiness of a superposition, CV / √k); `time_scale`
+stretches the timeline (0.1 makes a rate pattern change ten times as fast). For the
+recorded Azure trace `rate_scale` and `time_scale` both act on the timestamps, and a
+replica is the trace again, shifted in time by a fraction of its span, with models drawn
+anew.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -192,6 +198,16 @@ def gamma_arrivals(
     return out[(out >= start) & (out < end)]
 
 
+def replicated_arrivals(
+    rng: np.random.Generator, rate: float, cv: float, start: float, end: float, replicas: int
+) -> np.ndarray:
+    """The superposition of `replicas` independent gamma processes (sorted)."""
+    if replicas == 1:
+        return gamma_arrivals(rng, rate, cv, start, end)
+    copies = [gamma_arrivals(rng, rate, cv, start, end) for _ in range(replicas)]
+    return np.sort(np.concatenate(copies))
+
+
 def _model_rngs(seed: int, num_models: int) -> list[np.random.Generator]:
     return [np.random.default_rng([seed, m]) for m in range(num_models)]
 
@@ -207,13 +223,15 @@ def _build(
     num_models: int,
     duration_s: float,
     arrivals: list[np.ndarray],
-    lengths: Lengths,
+    lengths: Lengths | Sequence[Lengths],
     rngs: list[np.random.Generator],
 ) -> Workload:
-    """Attach lengths to each model's arrivals and merge them into one sorted list."""
+    """Attach lengths (one for all, or one per model) to each model's arrivals and merge
+    them into one sorted list."""
+    per_model = list(lengths) if isinstance(lengths, Sequence) else [lengths] * num_models
     times, models, prompts, outputs = [], [], [], []
     for m, t in enumerate(arrivals):
-        p, o = lengths.sample(rngs[m], len(t))
+        p, o = per_model[m].sample(rngs[m], len(t))
         times.append(t)
         models.append(np.full(len(t), m))
         prompts.append(p)
@@ -248,11 +266,13 @@ def bursty_groups(
     lengths: Lengths | None = None,
     rate_scale: float = 1.0,
     time_scale: float = 1.0,
+    replicas: int = 1,
     seed: int = 0,
 ) -> Workload:
     """Bursty groups of models: a base of Zipf(alpha) popularity carrying
     (1 - hot_share) of `total_rate`, and `hot_groups` groups of `group_size` models
-    sharing `hot_share` of it, drawn anew every `period_s` (a rotating hot set)."""
+    sharing `hot_share` of it, drawn anew every `period_s` (a rotating hot set).
+    Each model's arrivals in a period: `replicas` gamma processes of that rate, summed."""
     lengths = lengths or SyntheticLengths()
     rate = total_rate * rate_scale
     period = period_s * time_scale
@@ -268,9 +288,40 @@ def bursty_groups(
         boost = hot_share * rate / max(len(hot_models), 1)
         for m in range(num_models):
             r = base[m] + (boost if m in hot_models else 0.0)
-            chunks[m].append(gamma_arrivals(rngs[m], r, cv, float(start), float(end)))
+            chunks[m].append(
+                replicated_arrivals(rngs[m], r, cv, float(start), float(end), replicas)
+            )
     arrivals = [np.concatenate(c) if c else np.empty(0) for c in chunks]
     return _build("bursty-groups", num_models, duration_s, arrivals, lengths, rngs)
+
+
+def bursty_fleet(
+    num_models: int,
+    duration_s: float,
+    total_rate: float,
+    *,
+    block: int = 58,
+    seed: int = 0,
+    **kwargs: Any,
+) -> Workload:
+    """Many independent bursty groups: models in blocks of `block` (the last one smaller),
+    each block a `bursty_groups` workload with its own seed and a share of `total_rate`
+    proportional to its size. A large fleet then has the per-model rates of a small one
+    (one Zipf over 1,000 models would give its top model 1/H(1000) of everything)."""
+    parts = []
+    for k, first in enumerate(range(0, num_models, block)):
+        size = min(block, num_models - first)
+        rate = total_rate * size / num_models
+        parts.append((first, bursty_groups(size, duration_s, rate, seed=seed + k, **kwargs)))
+    if len(parts) == 1:
+        return parts[0][1]
+    merged = sorted(
+        ((r.arrival, first + r.model, r.prompt_tokens, r.output_tokens) for first, w in parts
+         for r in w.requests),
+        key=lambda r: (r[0], r[1]),
+    )  # fmt: skip
+    requests = [RequestSpec(i, m, t, p, o) for i, (t, m, p, o) in enumerate(merged)]
+    return Workload("bursty-fleet", num_models, duration_s, requests)
 
 
 def _hot_models(
@@ -278,6 +329,35 @@ def _hot_models(
 ) -> set[int]:
     groups = rng.choice(num_groups, size=hot, replace=False)
     return {m for g in groups for m in range(g * group_size, min((g + 1) * group_size, num_models))}
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """One model's steady traffic: a gamma process and the lengths of its requests."""
+
+    rate: float  # requests per second
+    lengths: Lengths
+    cv: float = 1.0  # inter-arrival CV (1: Poisson)
+
+
+def steady_streams(
+    streams: Sequence[Stream],
+    duration_s: float,
+    *,
+    rate_scale: float = 1.0,
+    replicas: int = 1,
+    seed: int = 0,
+    name: str = "steady",
+) -> Workload:
+    """Model i receives `streams[i]` for the whole run: always-busy models, each with its
+    own rate and request shape (prefill-heavy, decode-heavy, ...)."""
+    rngs = _model_rngs(seed, len(streams))
+    arrivals = [
+        replicated_arrivals(rngs[m], s.rate * rate_scale, s.cv, 0.0, duration_s, replicas)
+        for m, s in enumerate(streams)
+    ]
+    lengths = [s.lengths for s in streams]
+    return _build(name, len(streams), duration_s, arrivals, lengths, rngs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,32 +397,54 @@ def servegen(
     duration_s: float,
     *,
     traces: str | Path = DEFAULT_TRACES,
-    category: str = "language/m-large",
+    category: str | Sequence[str] = "language/m-large",
+    mapping: str = "top",
     start_s: float = 0.0,
     lengths: Lengths | None = None,
     rate_scale: float = 1.0,
     time_scale: float = 1.0,
+    replicas: int = 1,
     seed: int = 0,
 ) -> Workload:
-    """ServeGen rate windows (Apache-2.0, Xiang et al., arXiv 2505.09999): the
-    `num_models` busiest clients of `category` over the run become models 0..N-1, busiest
-    first. Sim time t reads the trace at start_s + t / time_scale."""
+    """ServeGen rate windows (Apache-2.0, Xiang et al., arXiv 2505.09999) of one or more
+    categories (e.g. "language/m-large" or ["language/m-mid", "reason/deepseek-r1"]).
+    Clients are ranked by their volume over the run; `mapping="top"`: the `num_models`
+    busiest become models 0..N-1, busiest first (the rest are left out); `"fold"`: client
+    of rank r goes to model r mod N, so every client's load is kept. Sim time t reads the
+    trace at start_s + t / time_scale."""
+    categories = [category] if isinstance(category, str) else list(category)
+    clients = [read_servegen_client(p) for c in categories for p in _servegen_files(traces, c)]
+    trace_end = start_s + duration_s / time_scale
+    volume = [c.total(start_s, trace_end, SERVEGEN_WINDOW_S) for c in clients]
+    ranked = sorted(range(len(clients)), key=lambda i: (-volume[i], i))
+    if mapping == "top":
+        groups = [[c] for c in ranked[:num_models]]
+    elif mapping == "fold":
+        groups = [ranked[m::num_models] for m in range(num_models)]
+    else:
+        raise ValueError(f"mapping must be 'top' or 'fold', got {mapping!r}")
+    rngs = _model_rngs(seed, num_models)
+    arrivals = []
+    for m, group in enumerate(groups):
+        parts = [
+            _windowed_arrivals(
+                rngs[m], clients[c], start_s, duration_s, rate_scale, time_scale, replicas
+            )
+            for c in group
+        ]
+        arrivals.append(np.sort(np.concatenate(parts)) if parts else np.empty(0))
+    arrivals += [np.empty(0)] * (num_models - len(arrivals))  # fewer clients than models
+    lengths = lengths or SyntheticLengths()
+    name = f"servegen:{'+'.join(categories)}:{mapping}"
+    return _build(name, num_models, duration_s, arrivals, lengths, rngs)
+
+
+def _servegen_files(traces: str | Path, category: str) -> list[Path]:
     folder = Path(traces) / "servegen" / "data" / category
     files = sorted(folder.glob("chunk-*-trace.csv"), key=lambda p: int(p.stem.split("-")[1]))
     if not files:
         raise FileNotFoundError(f"no ServeGen client traces under {folder}")
-    clients = [read_servegen_client(p) for p in files]
-    trace_end = start_s + duration_s / time_scale
-    volume = [c.total(start_s, trace_end, SERVEGEN_WINDOW_S) for c in clients]
-    order = sorted(range(len(clients)), key=lambda i: (-volume[i], i))[:num_models]
-    rngs = _model_rngs(seed, num_models)
-    arrivals = [
-        _windowed_arrivals(rngs[m], clients[c], start_s, duration_s, rate_scale, time_scale)
-        for m, c in enumerate(order)
-    ]
-    arrivals += [np.empty(0)] * (num_models - len(arrivals))  # fewer clients than models
-    lengths = lengths or SyntheticLengths()
-    return _build(f"servegen:{category}", num_models, duration_s, arrivals, lengths, rngs)
+    return files
 
 
 def _windowed_arrivals(
@@ -352,6 +454,7 @@ def _windowed_arrivals(
     duration_s: float,
     rate_scale: float,
     time_scale: float,
+    replicas: int = 1,
 ) -> np.ndarray:
     chunks = []
     for w_start, rate, cv in zip(client.starts, client.rates, client.cvs, strict=True):
@@ -359,7 +462,8 @@ def _windowed_arrivals(
         hi = lo + SERVEGEN_WINDOW_S * time_scale
         if hi <= 0 or lo >= duration_s or rate <= 0:
             continue
-        chunks.append(gamma_arrivals(rng, rate * rate_scale, cv, max(lo, 0.0), min(hi, duration_s)))
+        lo, hi = max(lo, 0.0), min(hi, duration_s)
+        chunks.append(replicated_arrivals(rng, rate * rate_scale, cv, lo, hi, replicas))
     return np.concatenate(chunks) if chunks else np.empty(0)
 
 
@@ -372,22 +476,30 @@ def azure_trace(
     max_tokens: int = 8192,
     rate_scale: float = 1.0,
     time_scale: float = 1.0,
+    replicas: int = 1,
     seed: int = 0,
 ) -> Workload:
     """The Azure LLM 2023 code trace (one service, ~1 h, ~2.6 req/s) with its own
     lengths; each request goes to a model drawn by Zipf(alpha) popularity. The timeline
-    is stretched by time_scale / rate_scale (and cut at `duration_s`)."""
+    is stretched by time_scale / rate_scale (and cut at `duration_s`). Replica j > 0 is
+    the trace shifted (circularly, over its span) by j / replicas of the span, its
+    requests drawn to models anew."""
     rows = _azure_rows(traces)
     stretch = time_scale / rate_scale
+    span = rows[-1][0] + 1e-6
     rng = np.random.default_rng([seed, 1 << 21])
-    models = rng.choice(num_models, size=len(rows), p=zipf_weights(num_models, alpha))
-    end = duration_s if duration_s is not None else rows[-1][0] * stretch + 1e-9
-    requests: list[RequestSpec] = []
-    for (t, context, generated), m in zip(rows, models, strict=True):
-        when = t * stretch
-        if when >= end:
-            break
-        prompt = min(max(context, 1), max_tokens - 1)
-        output = min(max(generated, 1), max_tokens - prompt)
-        requests.append(RequestSpec(len(requests), int(m), when, prompt, output))
+    popularity = zipf_weights(num_models, alpha)
+    end = duration_s if duration_s is not None else span * stretch
+    drawn: list[tuple[float, int, int, int]] = []
+    for j in range(replicas):
+        models = rng.choice(num_models, size=len(rows), p=popularity)
+        shift = span * j / replicas
+        for (t, context, generated), m in zip(rows, models, strict=True):
+            when = ((t + shift) % span) * stretch
+            if when < end:
+                prompt = min(max(context, 1), max_tokens - 1)
+                output = min(max(generated, 1), max_tokens - prompt)
+                drawn.append((when, int(m), prompt, output))
+    drawn.sort(key=lambda r: (r[0], r[1]))  # stable: ties keep their draw order
+    requests = [RequestSpec(i, m, t, p, o) for i, (t, m, p, o) in enumerate(drawn)]
     return Workload("azure-2023", num_models, end, requests)

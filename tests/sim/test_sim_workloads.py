@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 
 from prism.sim.workloads import (
+    Stream,
     SyntheticLengths,
     Workload,
     azure_lengths,
     azure_trace,
+    bursty_fleet,
     bursty_groups,
     gamma_arrivals,
     mooncake_lengths,
+    replicated_arrivals,
     servegen,
+    steady_streams,
     zipf_weights,
 )
 
@@ -111,3 +115,69 @@ def test_only_renumbers_models() -> None:
     assert sub.num_models == 2
     assert sorted({r.model for r in sub.requests}) <= [0, 1]
     assert len(sub.requests) == sum(1 for r in w.requests if r.model in (5, 2))
+
+
+def test_replicas_add_independent_copies() -> None:
+    """k replicas: k times the rate, and the CV of a superposition (CV / sqrt(k) for
+    a renewal process over long windows: measured on counts per window)."""
+    rng = np.random.default_rng(0)
+    one = gamma_arrivals(rng, 5.0, 3.0, 0.0, 20_000.0)
+    four = replicated_arrivals(rng, 5.0, 3.0, 0.0, 20_000.0, 4)
+    assert len(four) / len(one) == pytest.approx(4.0, rel=0.05)
+    assert (np.diff(four) >= 0).all()
+    counts = [np.histogram(t, bins=np.arange(0, 20_001, 50.0))[0] for t in (one, four)]
+    cv_one, cv_four = (c.std() / c.mean() for c in counts)
+    assert cv_four == pytest.approx(cv_one / 2, rel=0.2)
+    w = bursty_groups(6, 600, 3.0, seed=2, replicas=3)
+    assert w.total_rate == pytest.approx(9.0, rel=0.1)
+
+
+def test_azure_replicas_shift_the_trace(traces: Path) -> None:
+    """Two replicas: twice the requests over the same span, still sorted, ids in order."""
+    one = azure_trace(5, traces=traces, seed=0)
+    two = azure_trace(5, traces=traces, seed=0, replicas=2)
+    assert len(two.requests) == 2 * len(one.requests)
+    assert two.duration_s == pytest.approx(one.duration_s)
+    arrivals = [r.arrival for r in two.requests]
+    assert arrivals == sorted(arrivals) and arrivals[-1] < two.duration_s
+    assert [r.id for r in two.requests] == list(range(len(two.requests)))
+
+
+def test_servegen_fold_keeps_every_client(traces: Path) -> None:
+    """`fold` deals all clients of several categories onto the models: more load than
+    the busiest N alone, and about the sum of every client's windows."""
+    cats = ["reason/deepseek-r1", "multimodal/mm-image"]
+    top = servegen(4, 3600, traces=traces, category=cats, seed=0)
+    fold = servegen(4, 3600, traces=traces, category=cats, mapping="fold", seed=0)
+    assert fold.name.endswith(":fold") and fold.num_models == 4
+    assert len(fold.requests) > len(top.requests)
+    with pytest.raises(ValueError, match="mapping"):
+        servegen(4, 600, traces=traces, category=cats, mapping="spread")
+
+
+def test_steady_streams_give_each_model_its_shape() -> None:
+    """Per-model rate and lengths: a prefill-heavy and a decode-heavy stream."""
+    w = steady_streams(
+        [
+            Stream(4.0, SyntheticLengths(4096, 8, 0.1)),
+            Stream(1.0, SyntheticLengths(256, 1024, 0.1)),
+        ],
+        1200,
+        seed=0,
+    )
+    rates = w.rates()
+    assert rates[0] == pytest.approx(4.0, rel=0.1) and rates[1] == pytest.approx(1.0, rel=0.15)
+    prompts = [np.mean([r.prompt_tokens for r in w.requests if r.model == m]) for m in (0, 1)]
+    assert prompts[0] > 3000 and prompts[1] < 400
+
+
+def test_bursty_fleet_is_blocks_of_groups() -> None:
+    """130 models in blocks of 58: the rate shared by block size, models renumbered, and
+    the first block is the 58-model workload of the same seed at its share of the rate."""
+    fleet = bursty_fleet(130, 600, 26.0, seed=3)
+    assert fleet.num_models == 130
+    assert fleet.total_rate == pytest.approx(26.0, rel=0.1)
+    assert {r.model for r in fleet.requests} <= set(range(130))
+    first = bursty_groups(58, 600, 26.0 * 58 / 130, seed=3)
+    key = [(r.model, r.arrival) for r in fleet.requests if r.model < 58]
+    assert key == [(r.model, r.arrival) for r in first.requests]
