@@ -154,13 +154,24 @@ class BlockAllocator:
             raise BlockError("a block is freed twice in one call")
         bpg = self.blocks_per_group
         free_lists = self._free_lists
-        for block in blocks:
+        self.free_blocks += len(blocks)
+        if len(blocks) == 1:  # the common case: no per-group tally
+            block = blocks[0]
             allocated[block] = 0
             group = block // bpg
             free_list = free_lists[group]
             free_list.append(block)
             self._move(group, len(free_list) - 1, len(free_list))
-        self.free_blocks += len(blocks)
+            return
+        freed: dict[int, int] = {}  # group → blocks returned to it: re-filed once each
+        for block in blocks:
+            allocated[block] = 0
+            group = block // bpg
+            free_lists[group].append(block)
+            freed[group] = freed.get(group, 0) + 1
+        for group, count in freed.items():
+            now_free = len(free_lists[group])
+            self._move(group, now_free - count, now_free)
 
     def is_allocated(self, block: int) -> bool:
         return bool(self._allocated[block])

@@ -8,10 +8,12 @@
   least-pressured device with room for its weights (the home unless another device's KV
   pressure is lower by more than the hysteresis margin, or the home has no room).
 - **Placement.** Every `placement_interval_s`, `ComputeAwarePlacement` (hysteresis, a cap
-  on moves per window, minimum residence; pinned models stay) runs on the windowed rates
-  and the workers' budgets. A move is a migration: load and wake on the target first,
-  switch the model's traffic there once it is resident, wait for the requests still on
-  the source to finish, then sleep the source. No request is moved or dropped.
+  on moves per window, minimum residence; pinned models stay) runs on the windowed rates,
+  each model's compute share (demanded tokens/s × the engine seconds per token its
+  workers measured, `StepCostWindow`) and the workers' budgets. A move is a migration:
+  load and wake on the target first, switch the model's traffic there once it is
+  resident, wait for the requests still on the source to finish, then sleep the source.
+  No request is moved or dropped.
 - **Idle eviction.** Every tick, per worker: models with nothing in flight are candidates
   once idle for `idle_eviction_s`, and `EvictionPolicy` sleeps the cheapest of them only
   while the worker is under memory pressure (free memory below its low-water mark, or
@@ -67,6 +69,7 @@ from prism.serving.policies import (
     ModelDemand,
     RateWindow,
     RateWindowConfig,
+    StepCostWindow,
 )
 from prism.serving.policies.placement import pressure
 from prism.serving.worker import WorkerConfig
@@ -106,6 +109,7 @@ class Traffic:
 
     def __init__(self, window_s: float, start_s: float) -> None:
         self.window = RateWindow(RateWindowConfig(window_s), start_s=start_s)
+        self.cost = StepCostWindow(window_s)  # engine seconds per output token
         self.finished = 0
         self.prompt_tokens = 0
         self.output_tokens = 0
@@ -114,6 +118,12 @@ class Traffic:
         """Counted with the tokens it is expected to produce (outputs are known at the end)."""
         expected = min(max_tokens, self.mean_output) if self.finished else max_tokens
         self.window.record(now, max(1, round(expected)))
+
+    def compute_share(self, now: float) -> float:
+        """Demanded output tokens/s × measured engine seconds per token: the fraction of a
+        device the model needs (0 until its steps have been measured)."""
+        per_token = self.cost.seconds_per_token(now)
+        return 0.0 if per_token is None else self.window.rate(now).tokens_per_s * per_token
 
     def finish(self, output: RequestOutput) -> None:
         self.finished += 1
@@ -565,6 +575,13 @@ class Controller:
         async def refresh(worker: _Worker) -> None:
             with contextlib.suppress(EngineError):  # a crash: `_on_exit` deals with it
                 worker.snapshot = await worker.client.stats()
+                now = self.clock()
+                for stats in worker.snapshot.worker.models:
+                    entry = self.models.get(stats.name)
+                    if entry is not None:
+                        entry.traffic.cost.sample(
+                            now, worker.worker_id, stats.busy_s, stats.output_tokens
+                        )
 
         await asyncio.gather(*(refresh(w) for w in self.workers.values() if w.client.alive))
 
@@ -575,7 +592,7 @@ class Controller:
             kv_bytes_per_token=entry.kv_bytes_per_token,
             token_rate=entry.traffic.window.rate(now).tokens_per_s,
             tpot_slo_s=entry.fleet.slo.tpot_s,
-            compute_share=0.0,  # no live cost model yet: the compute term stays off
+            compute_share=entry.traffic.compute_share(now),
             context_tokens=entry.traffic.context_tokens,
         )
 

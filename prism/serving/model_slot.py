@@ -67,6 +67,8 @@ class ModelSlot:
         self.sleeps = 0
         self.last_used = time.monotonic()
         self.last_wake_s = 0.0
+        self.busy_s = 0.0  # wall time of its engine steps (the worker adds to it)
+        self.output_tokens = 0  # tokens those steps produced
 
     def load_host(self) -> None:
         """Read the checkpoint into the host copy: one flat buffer laid out as the weight

@@ -85,6 +85,8 @@ class ModelStats:
     sleeps: int
     last_wake_s: float
     host_bytes: int = 0  # its host copy (0 once dropped under the host budget)
+    busy_s: float = 0.0  # wall time of its engine steps since it was added (cumulative)
+    output_tokens: int = 0  # tokens those steps produced (cumulative)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,12 +330,16 @@ class DeviceWorker:
             assert slot.engine is not None
             self._acting, self._acting_priority = name, slot.spec.priority
             self._protected.add(name)  # its own weights are not to be taken mid-step
+            start = time.perf_counter()
             try:
                 step_outputs = slot.engine.step()
             except Exception as e:  # the other models' outputs must not be lost with it
                 errors[name] = e
                 continue
+            finally:
+                slot.busy_s += time.perf_counter() - start
             for out in step_outputs:
+                slot.output_tokens += len(out.new_token_ids)
                 if out.finished:
                     self._owner.pop(out.request_id, None)
                 outputs.append((name, out))
@@ -402,6 +408,8 @@ class DeviceWorker:
                     sleeps=slot.sleeps,
                     last_wake_s=slot.last_wake_s,
                     host_bytes=slot.host_bytes,
+                    busy_s=slot.busy_s,
+                    output_tokens=slot.output_tokens,
                 )
             )
         pool = self.pool.stats()

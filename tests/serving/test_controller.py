@@ -143,6 +143,47 @@ async def _load_shift(controller: Controller, clock: FakeClock) -> None:
     await controller.check_integrity()
 
 
+@pytest.mark.parametrize(
+    ("window_s", "moves"), [(600.0, False), (0.01, True)], ids=["light", "heavy"]
+)
+def test_compute_heavy_models_are_split_by_their_measured_compute_share(
+    model_dir: Path, window_s: float, moves: bool
+) -> None:
+    """a and c, both homed on cpu:0, each get three 300-token requests. Their KV demand is
+    negligible (the TPOT SLO scales with the window so that their pressure together is
+    ≈ 0.04 in both cases, below the 0.1 hysteresis), so KV pressure alone keeps them
+    together. Their compute share is the demanded tokens/s times the engine seconds per
+    token the worker measured (about a millisecond): over a 600 s window (fake clock) it
+    is about 0.002 and nothing moves; over a 10 ms window it is about 100 for each, far
+    more than a device, and one of them is moved to cpu:1."""
+    extra = dict.fromkeys("abcd", f"slo: {{tpot_ms: {window_s * 1e-4}}}")
+    controller_yaml = f"{{{BASE}, rate_window_s: {window_s}}}"
+    fleet = tiny_fleet(model_dir, controller=controller_yaml, extra=extra)
+
+    async def scenario() -> None:
+        controller = Controller(fleet, spawn=LocalWorker, clock=FakeClock())  # type: ignore[arg-type]
+        await controller.start()
+        try:
+            ended = await asyncio.gather(
+                *(_launch(controller, m, f"{m}{i}", 300, i) for m in "ac" for i in range(3))
+            )
+            assert all(e.completed for e in ended)
+            moved = await controller.tick()
+            await controller.settle()
+            if not moves:
+                assert moved == [] and controller.homes()["a"] == controller.homes()["c"]
+                return
+            assert len(moved) == 1 and moved[0].model in "ac", moved
+            assert moved[0].source == "cpu:0" and moved[0].target == "cpu:1"
+            assert {controller.homes()["a"], controller.homes()["c"]} == {"cpu:0", "cpu:1"}
+            assert await controller.tick() == []  # no move back
+            await controller.check_integrity()
+        finally:
+            await controller.close()
+
+    _run(scenario(), timeout=90)
+
+
 def test_first_request_of_a_sleeping_model_wakes_it_on_the_least_pressured_device(
     model_dir: Path,
 ) -> None:

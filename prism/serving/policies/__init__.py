@@ -6,13 +6,14 @@ as arguments, so the live device worker and the cluster simulator run the same c
 - `slo` — policy inputs: `SLO`, `PendingRequest`, `RunningDecode`.
 - `local_scheduler` — per device: admission order (Moore–Hodgson; FIFO and EDF
   baselines) and preemption victims.
-- `demand` — `RateWindow`: sliding-window request and token rates of one model.
+- `demand` — `RateWindow`: sliding-window request and token rates of one model;
+  `StepCostWindow`: engine seconds per output token (a model's compute share).
 - `placement` — global: which model lives on which device (`KVPressurePlacement`, the
   paper's rule; `ComputeAwarePlacement`, with a compute term, hysteresis, rate limit).
 - `eviction` — `EvictionPolicy`: which idle models to sleep when memory is short.
 """
 
-from prism.serving.policies.demand import Rate, RateWindow, RateWindowConfig
+from prism.serving.policies.demand import Rate, RateWindow, RateWindowConfig, StepCostWindow
 from prism.serving.policies.eviction import EvictionCandidate, EvictionConfig, EvictionPolicy
 from prism.serving.policies.local_scheduler import (
     EDFOrder,
@@ -58,4 +59,5 @@ __all__ = [
     "RateWindow",
     "RateWindowConfig",
     "RunningDecode",
+    "StepCostWindow",
 ]

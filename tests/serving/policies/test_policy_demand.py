@@ -1,4 +1,5 @@
-"""RateWindow: sliding-window request and token rates against hand-computed values."""
+"""RateWindow: sliding-window request and token rates; StepCostWindow: engine seconds per
+output token from cumulative counters. Both against hand-computed values."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 
-from prism.serving.policies import Rate, RateWindow, RateWindowConfig
+from prism.serving.policies import Rate, RateWindow, RateWindowConfig, StepCostWindow
 
 
 def test_rates_over_the_window() -> None:
@@ -50,3 +51,31 @@ def test_time_must_not_run_backwards() -> None:
         w.record(4.0)
     with pytest.raises(ValueError, match="backwards"):
         w.rate(4.9)
+
+
+def test_step_cost_from_two_workers_counters() -> None:
+    """Deltas of cumulative counters, summed over sources, over the window."""
+    w = StepCostWindow(window_s=10.0, min_tokens=10)
+    w.sample(0.0, "cpu:0", busy_s=1.0, tokens=100)  # first sight: counted from zero
+    assert w.seconds_per_token(0.0) == pytest.approx(0.01)
+    w.sample(5.0, "cpu:0", busy_s=1.5, tokens=200)  # +0.5 s, +100 tokens
+    w.sample(5.0, "cpu:1", busy_s=3.0, tokens=100)  # another device, slower per token
+    assert w.seconds_per_token(5.0) == pytest.approx(4.5 / 300)
+    assert w.seconds_per_token(10.0) == pytest.approx(3.5 / 200)  # t=0 fell out
+    w.sample(11.0, "cpu:0", busy_s=1.5, tokens=200)  # no change: nothing added
+    assert w.seconds_per_token(15.0) is None  # everything fell out
+
+
+def test_step_cost_counter_reset_and_too_few_tokens() -> None:
+    """A counter that goes down (restarted worker) counts from zero; below `min_tokens`
+    there is no estimate."""
+    w = StepCostWindow(window_s=60.0, min_tokens=50)
+    w.sample(0.0, "cpu:0", busy_s=2.0, tokens=40)
+    assert w.seconds_per_token(1.0) is None  # 40 tokens < 50
+    w.sample(1.0, "cpu:0", busy_s=0.5, tokens=20)  # restarted: 0.5 s, 20 tokens new
+    assert w.seconds_per_token(1.0) == pytest.approx(2.5 / 60)
+    w.forget("cpu:0")
+    w.sample(2.0, "cpu:0", busy_s=0.6, tokens=30)  # forgotten: counted from zero again
+    assert w.seconds_per_token(2.0) == pytest.approx(3.1 / 90)
+    with pytest.raises(ValueError, match="window_s"):
+        StepCostWindow(window_s=0)
