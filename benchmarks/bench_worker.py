@@ -10,8 +10,12 @@
   KV memory each): TTFT mean/p99, TPOT, throughput.
 - steady: constant closed-loop load that fits either way; `prism` vs `static` wall time
   for the same work = the steady-state cost of elastic memory.
+- overlap: three Llama-3.2-1B-shaped models decoding at a small batch, each alone and then
+  all three on one worker (each model's step on its own CUDA stream, queued before any is
+  waited for): output tokens/s together over the mean alone. 1.0 = no overlap (the steps
+  ran one after another); 3.0 = three models for the price of one.
 
-Usage: python benchmarks/bench_worker.py [--parts wake,shift,steady] [--out results.json]
+Usage: python benchmarks/bench_worker.py [--parts wake,shift,steady,overlap] [--out f.json]
 """
 
 from __future__ import annotations
@@ -244,10 +248,48 @@ def steady(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def overlap(args: argparse.Namespace) -> list[dict[str, Any]]:
+    engine = EngineConfig(
+        max_model_len=2048, max_num_seqs=64, cuda_graph_sizes=(1, 2, 4, 8, 16, 32, 64)
+    )
+    rng = random.Random(4)
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    names = ("m0", "m1", "m2")
+
+    def run(models: tuple[str, ...], batch: int) -> float:
+        """Output tokens/s of `batch` requests on each of `models`, all submitted at once."""
+        worker = DeviceWorker(WorkerConfig(device="cuda", budget_bytes=24 * GiB))
+        for name in models:
+            spec = ModelSpec(name, PRESETS["llama-3.2-1b"], load_format="dummy", engine=engine)
+            worker.add_model(spec)
+            worker.wake(name)
+        for _ in range(2):  # the first round warms up kernels and allocator
+            for name in models:
+                for _ in range(batch):
+                    worker.submit(name, [rng.randrange(1, 30000) for _ in range(256)], params)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            worker.run_until_idle()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        worker.check_integrity()
+        worker.close()
+        torch.cuda.empty_cache()
+        return len(models) * batch * params.max_tokens / wall
+
+    rows = []
+    for batch in (1, 8, 32):
+        alone = statistics.fmean(run((name,), batch) for name in names)
+        together = run(names, batch)
+        rows.append({"batch_per_model": batch, "alone_tok_s": alone, "together_tok_s": together,
+                     "speedup": together / alone})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench_worker.json")
-    parser.add_argument("--parts", default="wake,shift,steady")
+    parser.add_argument("--parts", default="wake,shift,steady,overlap")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--preset", default="llama-3.2-3b")
     parser.add_argument("--kv-gib", type=float, default=12.0, help="KV memory of both models")
@@ -291,6 +333,13 @@ def main() -> None:
             print(f"shift {r['rate']:4.1f}/s {r['mode']:<7} ttft mean {r['ttft_mean_s']:6.3f}s "
                   f"p99 {r['ttft_p99_s']:6.3f}s tpot {r['tpot_mean_s'] * 1e3:5.1f}ms "
                   f"{r['throughput_tok_s']:7.0f} tok/s")  # fmt: skip
+    if "overlap" in parts:
+        results["overlap"] = overlap(args)
+        save()
+        for r in results["overlap"]:
+            print(f"overlap batch {r['batch_per_model']:3d}/model: alone "
+                  f"{r['alone_tok_s']:7.0f} tok/s, three together "
+                  f"{r['together_tok_s']:7.0f} = {r['speedup']:.2f}x")  # fmt: skip
     if "steady" in parts:
         rows = results["steady"] = steady(args)
         wall = {m: min(r["wall_s"] for r in rows if r["mode"] == m) for m in ("static", "prism")}

@@ -1,7 +1,9 @@
 """`Engine`: one model served with continuous batching on an elastic KV cache.
 
-`step()` is schedule → run → sample → postprocess. The engine does not know other
-models exist: it asks its `ElasticKVCache` for blocks and reports what it holds.
+`step()` is schedule → run → sample → postprocess. The device worker splits it in three
+(`schedule`, `launch_step`, `complete_step`) to queue several models' steps on their own
+CUDA streams before waiting for any. The engine does not know other models exist: it
+asks its `ElasticKVCache` for blocks and reports what it holds.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from prism.engine.kv_manager import KVBlockManager
 from prism.engine.model_runner import ModelRunner
 from prism.engine.output import RequestOutput
 from prism.engine.request import FinishReason, Request, RequestStatus, TokenLogprobs
-from prism.engine.sampler import Sampler
+from prism.engine.sampler import PendingSample, Sampler
 from prism.engine.sampling_params import SamplingParams
 from prism.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from prism.engine.stop_checker import StopChecker
@@ -27,6 +29,16 @@ from prism.models.config import ModelConfig
 from prism.models.llama import LlamaModel
 from prism.models.loader import load_model
 from prism.models.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class StepInFlight:
+    """A launched step: the requests that sample a token, their draws on the device, and
+    an event after the step's last kernel (CUDA)."""
+
+    requests: list[Request]
+    pending: PendingSample | None
+    done: torch.cuda.Event | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,18 +226,41 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        """One whole step: schedule, run, sample, postprocess (waits for the device)."""
+        return self.complete_step(self.launch_step(self.schedule()))
+
+    def schedule(self) -> ScheduledBatch:
+        """Choose this step's requests and give them KV blocks. Every memory change of the
+        step (allocation, preemption, reclaim from others) happens here."""
+        return self.scheduler.schedule()
+
+    def launch_step(self, batch: ScheduledBatch) -> StepInFlight | None:
+        """Queue `batch`'s forward and sampling on the current stream and return without
+        waiting for the device; `complete_step` waits and makes the outputs. Between the
+        two, the batch's blocks must stay as they are (no preemption, no unmapping)."""
         if not batch:
-            return []
+            return None
         logits, rows = self.runner.execute(batch)
         self._advance(batch)
-        if not rows:
-            return []
         sampled = [batch.requests[i] for i in rows]
-        result = self.sampler.sample(logits, sampled)
+        pending = self.sampler.launch(logits, sampled) if sampled else None
+        done = None
+        if self.runner.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return StepInFlight(sampled, pending, done)
+
+    def complete_step(self, step: StepInFlight | None) -> list[RequestOutput]:
+        if step is None:
+            return []
+        if step.done is not None:
+            step.done.synchronize()  # whatever stream the step was launched on
+        if step.pending is None:
+            return []
+        result = self.sampler.collect(step.pending, step.requests)
         return [
             self._append(req, token, lp)
-            for req, token, lp in zip(sampled, result.token_ids, result.logprobs, strict=True)
+            for req, token, lp in zip(step.requests, result.token_ids, result.logprobs, strict=True)
         ]
 
     def _advance(self, batch: ScheduledBatch) -> None:

@@ -23,6 +23,14 @@ class SampleResult:
     logprobs: list[TokenLogprobs | None]
 
 
+@dataclass(frozen=True, slots=True)
+class PendingSample:
+    """Tokens drawn on the device, not yet read back."""
+
+    tokens: torch.Tensor  # [N] int64
+    raw: torch.Tensor  # [N, V] float32: the model's logits, for logprobs
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._seed = seed
@@ -30,19 +38,29 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> SampleResult:
         """logits: [N, V] (any float dtype) for requests[i] → one token each."""
+        return self.collect(self.launch(logits, requests), requests)
+
+    def launch(self, logits: torch.Tensor, requests: Sequence[Request]) -> PendingSample:
+        """Queue the draws on the current stream; nothing waits for the device."""
         logits = logits.float()
         raw = logits
         logits = self._apply_penalties(logits, requests)
-        tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+        if len(greedy) == len(requests):
+            return PendingSample(logits.argmax(dim=-1), raw)
+        tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         if greedy:
             rows = torch.tensor(greedy, device=logits.device)
             tokens[rows] = logits[rows].argmax(dim=-1)
         for i, req in enumerate(requests):
             if not req.params.greedy:
                 tokens[i] = self._draw(logits[i], req)
-        token_list = tokens.tolist()
-        return SampleResult(token_list, self._logprobs(raw, requests, token_list))
+        return PendingSample(tokens, raw)
+
+    def collect(self, pending: PendingSample, requests: Sequence[Request]) -> SampleResult:
+        """Read the tokens back (this waits for the device) and the logprobs asked for."""
+        token_list = pending.tokens.tolist()
+        return SampleResult(token_list, self._logprobs(pending.raw, requests, token_list))
 
     # ---- steps ---------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ reads the checkpoint again first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class ModelSlot:
         self.last_used = time.monotonic()
         self.last_wake_s = 0.0
         self.busy_s = 0.0  # wall time of its engine steps (the worker adds to it)
+        # Its own CUDA stream: co-located models' steps are queued before any is waited for.
+        cuda = self.device.startswith("cuda")
+        self.stream = torch.cuda.Stream(device=self.device) if cuda else None
         self.output_tokens = 0  # tokens those steps produced
 
     def load_host(self) -> None:
@@ -126,6 +130,14 @@ class ModelSlot:
     def holds_kv(self) -> bool:
         """Requests are running (and hold KV blocks); queued ones hold none."""
         return self.engine is not None and bool(self.engine.scheduler.running)
+
+    def stream_context(self) -> contextlib.AbstractContextManager[object]:
+        """Run on the model's stream, after what the device's default stream has queued
+        (a wake's weight copies); a no-op on the CPU."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        return torch.cuda.stream(self.stream)
 
     def wake(self) -> bool:
         """Map weights and the KV padding group, copy the weights in; False if the pool

@@ -19,8 +19,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
+from prism.engine.engine import StepInFlight
 from prism.engine.output import RequestOutput
 from prism.engine.sampling_params import SamplingParams
+from prism.engine.scheduler import ScheduledBatch
 from prism.memory import PagePool, make_vmm
 from prism.serving.model_slot import ModelSlot, ModelSpec, ModelState
 
@@ -96,6 +98,19 @@ class WorkerStats:
     budget_bytes: int
     free_bytes: int
     models: tuple[ModelStats, ...] = field(default_factory=tuple)
+
+
+class _Busy:
+    """Adds the wall time of a block to a model's engine time (its compute share)."""
+
+    def __init__(self, slot: ModelSlot) -> None:
+        self.slot = slot
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.slot.busy_s += time.perf_counter() - self.start
 
 
 class DeviceWorker:
@@ -248,8 +263,8 @@ class DeviceWorker:
             return 0
         if self._can_sleep(slot):
             return slot.sleep()
-        if not slot.holds_kv:
-            return 0
+        if not slot.holds_kv or name in self._protected:
+            return 0  # a model scheduled this round keeps its batch's blocks until it ran
         if slot.spec.priority < self._acting_priority:
             return slot.engine.release_memory(pages)
         if slot.spec.priority > self._acting_priority or self._acting is None:
@@ -313,31 +328,55 @@ class DeviceWorker:
 
     def step(self) -> list[tuple[str, RequestOutput]]:
         """Admit what can be woken, then one engine step for each active model with work.
-        Raises `StepError` (with the others' outputs) if an engine's step raised."""
+        Raises `StepError` (with the others' outputs) if an engine's step raised.
+
+        A round has three phases. Schedule every model in turn: all memory moves happen
+        here, with no step in flight (a model scheduled this round is neither preempted
+        nor slept by the models after it, so its batch's blocks stay put). Launch every
+        model's step on its own CUDA stream without waiting. Then wait for each in turn
+        and collect the outputs: co-located models' kernels overlap on the device."""
         self._protected.clear()
         self._wake_sleepers_with_work()
         self._admit_pending()
         outputs: list[tuple[str, RequestOutput]] = []
         errors: dict[str, Exception] = {}
         names = [n for n, s in self.models.items() if s.state is ModelState.ACTIVE and not s.idle]
-        if names:  # rotate the order so no model always goes first
+        if names:  # rotate the order so no model always goes first (to take memory)
             self._turn = (self._turn + 1) % len(names)
             names = names[self._turn :] + names[: self._turn]
+        batches: dict[str, ScheduledBatch] = {}
         for name in names:
             slot = self.models[name]
             if slot.state is not ModelState.ACTIVE:
                 continue  # slept for an earlier model of this round (it had nothing running)
             assert slot.engine is not None
             self._acting, self._acting_priority = name, slot.spec.priority
-            self._protected.add(name)  # its own weights are not to be taken mid-step
-            start = time.perf_counter()
-            try:
-                step_outputs = slot.engine.step()
-            except Exception as e:  # the other models' outputs must not be lost with it
-                errors[name] = e
-                continue
-            finally:
-                slot.busy_s += time.perf_counter() - start
+            self._protected.add(name)  # neither slept nor preempted until its step is done
+            with _Busy(slot):
+                try:
+                    batches[name] = slot.engine.schedule()
+                except Exception as e:  # the other models' outputs must not be lost with it
+                    errors[name] = e
+        in_flight: dict[str, StepInFlight | None] = {}
+        for name, batch in batches.items():
+            slot = self.models[name]
+            assert slot.engine is not None
+            with _Busy(slot), slot.stream_context():
+                try:
+                    in_flight[name] = slot.engine.launch_step(batch)
+                except Exception as e:
+                    errors[name] = e
+                    if slot.stream is not None:  # what it queued ends before memory moves
+                        slot.stream.synchronize()
+        for name, step in in_flight.items():
+            slot = self.models[name]
+            assert slot.engine is not None
+            with _Busy(slot):
+                try:
+                    step_outputs = slot.engine.complete_step(step)
+                except Exception as e:
+                    errors[name] = e
+                    continue
             for out in step_outputs:
                 slot.output_tokens += len(out.new_token_ids)
                 if out.finished:

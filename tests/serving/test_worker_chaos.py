@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import time
@@ -40,10 +41,43 @@ TINY = ModelConfig(
 )  # fmt: skip
 ENGINE = EngineConfig(max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=256)
 MODELS = "abcd"
-BUDGET = 5 << 20  # room for about two models' weights and some KV: never all four
 CI_SECONDS = {"sync": 14.0, "async": 10.0}  # on a quiet machine; the oracle comes on top
 ORACLE_SAMPLE = 10
 SEED = 20240611  # PRISM_CHAOS_SEED overrides it (soak runs vary it)
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Setup:
+    """Where the chaos runs: device, model, a pool that holds about two of the four."""
+
+    device: str
+    model: ModelConfig
+    budget: int
+    limit_pages: tuple[int, ...]  # KV limits drawn, in pages (0: the whole budget)
+    solo_budget: int  # the oracle's pool: room to spare
+    dtype: torch.dtype | None = None
+    engine: EngineConfig = ENGINE
+
+
+CPU = _Setup("cpu", TINY, 5 * MiB, (1, 8, 32, 64, 0, 0), 24 * MiB)
+# CUDA: 2 MiB pages; 4 KV heads of 64 in fp32 (1 KiB a token per tensor: a page group of
+# four pages holds 2,048 tokens), weights 3 pages: the budget holds two models and about
+# one group each. fp32 so that a recomputed prefill gives the decode path's greedy tokens.
+SMALL = ModelConfig(
+    architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+    num_layers=2, num_heads=4, num_kv_heads=4, head_dim=64, rms_norm_eps=1e-5,
+    rope_theta=10000.0, max_position_embeddings=2048,
+)  # fmt: skip
+GPU = _Setup(
+    "cuda",
+    SMALL,
+    budget=36 * MiB,
+    limit_pages=(1, 4, 8, 12, 0, 0),
+    solo_budget=64 * MiB,
+    dtype=torch.float32,
+    engine=dataclasses.replace(ENGINE, cuda_graph_sizes=(1, 2, 4, 8)),
+)
 
 
 @pytest.fixture(autouse=True)
@@ -66,10 +100,11 @@ def _seed(offset: int) -> int:
     return int(os.environ.get("PRISM_CHAOS_SEED", SEED)) + offset
 
 
-def _worker(budget: int = BUDGET, models: str = MODELS) -> DeviceWorker:
-    worker = DeviceWorker(WorkerConfig(budget_bytes=budget))
+def _worker(setup: _Setup = CPU, budget: int | None = None, models: str = MODELS) -> DeviceWorker:
+    worker = DeviceWorker(WorkerConfig(device=setup.device, budget_bytes=budget or setup.budget))
     for name in models:
-        worker.add_model(ModelSpec(name, TINY, load_format="dummy", engine=ENGINE))
+        spec = ModelSpec(name, setup.model, "dummy", dtype=setup.dtype, engine=setup.engine)
+        worker.add_model(spec)
     return worker
 
 
@@ -90,17 +125,17 @@ class _Job:
 
 def _random_job(rng: random.Random) -> _Job:
     length = rng.choice([rng.randint(1, 16), rng.randint(17, 200), rng.randint(200, 700)])
-    prompt = [rng.randint(1, TINY.vocab_size - 1) for _ in range(length)]
+    prompt = [rng.randint(1, TINY.vocab_size - 1) for _ in range(length)]  # both vocabs 512
     params = SamplingParams(
         max_tokens=rng.randint(1, 48), temperature=0.0, ignore_eos=rng.random() < 0.7
     )
     return _Job(rng.choice(MODELS), prompt, params)
 
 
-def _random_limit(rng: random.Random, worker: DeviceWorker) -> int:
+def _random_limit(rng: random.Random, worker: DeviceWorker, setup: _Setup) -> int:
     """A KV limit from below the cache's minimum (refused) to the whole budget."""
-    page = worker.pool.page_size
-    return rng.choice([page, 8 * page, 32 * page, 64 * page, BUDGET, BUDGET])
+    pages = rng.choice(setup.limit_pages)
+    return pages * worker.pool.page_size if pages else setup.budget
 
 
 def _check_done(job: _Job) -> None:
@@ -113,9 +148,9 @@ def _check_done(job: _Job) -> None:
         assert len(job.tokens) <= job.params.max_tokens
 
 
-def _solo(job: _Job) -> list[int]:
+def _solo(job: _Job, setup: _Setup) -> list[int]:
     """The job alone on a fresh worker with room to spare: the greedy oracle."""
-    worker = _worker(budget=24 << 20, models=job.model)
+    worker = _worker(setup, setup.solo_budget, models=job.model)
     rid = worker.submit(job.model, job.prompt, job.params)
     tokens = [t for _, out in worker.run_until_idle() for t in out.new_token_ids]
     worker.check_integrity()
@@ -124,10 +159,10 @@ def _solo(job: _Job) -> list[int]:
     return tokens
 
 
-def _check_against_oracle(rng: random.Random, jobs: dict[str, _Job]) -> None:
+def _check_against_oracle(rng: random.Random, jobs: dict[str, _Job], setup: _Setup = CPU) -> None:
     done = [j for j in jobs.values() if j.reason is not None and not j.aborted]
     for job in rng.sample(done, min(ORACLE_SAMPLE, len(done))):
-        assert job.tokens == _solo(job), f"{job.model}: output differs from the solo run"
+        assert job.tokens == _solo(job, setup), f"{job.model}: output differs from the solo run"
 
 
 # ---- DeviceWorker, driven synchronously -------------------------------------------------
@@ -136,8 +171,9 @@ def _check_against_oracle(rng: random.Random, jobs: dict[str, _Job]) -> None:
 class _Driver:
     """Random actions on a worker, with the books to check it by."""
 
-    def __init__(self, worker: DeviceWorker, rng: random.Random) -> None:
+    def __init__(self, worker: DeviceWorker, rng: random.Random, setup: _Setup) -> None:
         self.worker = worker
+        self.setup = setup
         self.rng = rng
         self.jobs: dict[str, _Job] = {}
         self.actions: Counter[str] = Counter()
@@ -183,7 +219,7 @@ class _Driver:
     def _limit(self) -> None:
         name = self.rng.choice(MODELS)
         try:
-            self.worker.set_kv_limit(name, _random_limit(self.rng, self.worker))
+            self.worker.set_kv_limit(name, _random_limit(self.rng, self.worker, self.setup))
             self.actions["limit"] += 1
         except PoolError as e:  # below the cache's minimum
             assert "below its minimum" in str(e)
@@ -218,7 +254,7 @@ class _Driver:
         """Every limit back to the whole budget, so every request can finish."""
         for name, slot in self.worker.models.items():
             if slot.engine is not None:
-                self.worker.set_kv_limit(name, BUDGET)
+                self.worker.set_kv_limit(name, self.setup.budget)
 
     def figures(self) -> dict[str, object]:
         reasons = Counter(
@@ -240,9 +276,21 @@ def test_random_wake_sleep_limit_abort_while_requests_stream() -> None:
     """Seeded random submits, aborts, sleeps, wakes and KV limits (some below current use)
     on four models over a pool that holds about two: the books balance after every step,
     every request ends, none loses a token, and sampled outputs equal their solo runs."""
+    _chaos(CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_random_wake_sleep_limit_abort_while_requests_stream() -> None:
+    """The same chaos on CUDA VMM pages, Triton attention, decode CUDA graphs replayed
+    over remapped pages, and each model's steps on its own stream."""
+    _chaos(GPU)
+
+
+def _chaos(setup: _Setup) -> None:
     rng = random.Random(_seed(0))
-    worker = _worker()
-    driver = _Driver(worker, rng)
+    worker = _worker(setup)
+    driver = _Driver(worker, rng, setup)
     deadline = time.monotonic() + _seconds("sync")
     while time.monotonic() < deadline:
         driver.act()
@@ -255,11 +303,11 @@ def test_random_wake_sleep_limit_abort_while_requests_stream() -> None:
         if not job.aborted:
             _check_done(job)
     figures = driver.figures()
-    print(f"\nchaos (DeviceWorker, seed {_seed(0)}): {figures}")
+    print(f"\nchaos (DeviceWorker on {setup.device}, seed {_seed(0)}): {figures}")
     assert figures["sleeps"] and figures["preemptions"], "the pool was never under pressure"
     worker.check_integrity()
     worker.close()
-    _check_against_oracle(rng, driver.jobs)
+    _check_against_oracle(rng, driver.jobs, setup)
 
 
 # ---- AsyncWorker: clients stream concurrently, some cancel mid-stream ------------------
@@ -308,7 +356,7 @@ async def _chaos_admin(aw: AsyncWorker, rng: random.Random, stop: asyncio.Event)
                 action = "wake" if await aw.wake(name) else "wake refused (no memory)"
             else:
                 page = aw.worker.pool.page_size
-                await aw.set_kv_limit(name, rng.choice([page, 8 * page, 64 * page, BUDGET]))
+                await aw.set_kv_limit(name, rng.choice([page, 8 * page, 64 * page, CPU.budget]))
             actions[action] += 1
         except ModelConflict:  # in flight (sleep) or never woken (limit)
             actions[f"{action} refused (conflict)"] += 1
@@ -342,7 +390,7 @@ async def _async_chaos(aw: AsyncWorker, rng: random.Random, seconds: float) -> d
     actions = await asyncio.wait_for(admin, STREAM_TIMEOUT_S)
     for name in MODELS:  # every limit back to the budget, so every request can finish
         with contextlib.suppress(ModelConflict):  # never woken
-            await aw.set_kv_limit(name, BUDGET)
+            await aw.set_kv_limit(name, CPU.budget)
     async with asyncio.timeout(STREAM_TIMEOUT_S):
         results = await asyncio.gather(*clients.values(), return_exceptions=True)
     ends: Counter[str] = Counter()

@@ -128,3 +128,25 @@ def test_gpu_pool_exhaustion_loses_nothing() -> None:
     assert all(len(t) == GREEDY.max_tokens for t in results)
     worker.check_integrity()
     worker.close()
+
+
+def test_gpu_colocated_models_step_on_their_own_streams() -> None:
+    """Three models' steps are queued each on its own stream before any is waited for:
+    every model's outputs equal its run alone (same batches, nothing raced), and the
+    streams are three, none of them the default stream."""
+    jobs = {
+        m: [(m, _prompt(i + 10 * k, 60 + 40 * i)) for i in range(6)] for k, m in enumerate("abc")
+    }
+    alone = {}
+    for m in "abc":
+        solo = _worker(160, names=m)
+        alone[m] = _run(solo, jobs[m])
+        solo.close()
+    worker = _worker(160)
+    together = _run(worker, [job for m in "abc" for job in jobs[m]])
+    assert together == [tokens for m in "abc" for tokens in alone[m]]
+    streams = [slot.stream for slot in worker.models.values()]
+    assert len({id(s) for s in streams}) == 3
+    assert all(s is not None and s != torch.cuda.default_stream() for s in streams)
+    worker.check_integrity()
+    worker.close()
