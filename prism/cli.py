@@ -31,6 +31,7 @@ from prism.server.admin_client import AdminClient, AdminError
 from prism.server.bench import add_bench_parser
 from prism.server.registry import ModelRegistry, ModelSpec, Registry, default_name
 from prism.server.top import add_top_parser
+from prism.serving.async_worker import DEFAULT_MAX_WAITING
 from prism.serving.worker import WorkerConfig, WorkerMode
 from prism.sim.cli import add_simulate_parser
 
@@ -150,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
             worker=worker,
             engine=config,
             preload=args.preload,
-            max_waiting=args.max_waiting,
+            max_waiting=DEFAULT_MAX_WAITING if args.max_waiting is None else args.max_waiting,
             max_kv_bytes=args.max_kv,
         )
     except (ValueError, MemoryError, FileNotFoundError) as e:
@@ -184,7 +185,7 @@ def _fleet_registry(args: argparse.Namespace) -> Registry:
     from prism.server.fleet_registry import FleetRegistry
     from prism.serving.fleet import FleetConfigError, in_process_worker, load_fleet
 
-    options = ("model", "budget", "max_kv", "max_model_len")
+    options = ("model", "budget", "max_kv", "max_model_len", "max_waiting", "max_inflight")
     clashing = [f"--{o.replace('_', '-')}" for o in options if getattr(args, o) is not None]
     if clashing:
         raise SystemExit(f"prism serve: the --config file sets these; drop {', '.join(clashing)}")
@@ -374,8 +375,9 @@ def _add_serve_parser(sub: Any, environ: Mapping[str, str]) -> None:
         "--max-waiting",
         dest="max_waiting",
         type=int,
-        default=256,
-        help="requests that may queue per model beyond those running; more get 429",
+        default=None,
+        help="requests that may queue per model beyond those running; more get 429 "
+        f"(default {DEFAULT_MAX_WAITING}; a --config file sets it as controller.max_waiting)",
     )
     serve.add_argument(
         "--max-inflight",
@@ -383,7 +385,7 @@ def _add_serve_parser(sub: Any, environ: Mapping[str, str]) -> None:
         default=None,
         metavar="N",
         help="requests in flight on the device over all models; more get 429 (default: "
-        "only the per-model bound)",
+        "only the per-model bound; a --config file sets it as controller.max_inflight)",
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)

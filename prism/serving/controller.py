@@ -320,7 +320,12 @@ class Controller:
         budget = self.fleet.budget_bytes
         if budget is None and device == "cpu":
             budget = DEFAULT_CPU_BUDGET
-        config = WorkerConfig(device=device, budget_bytes=budget or 0, mode=self.fleet.mode)
+        config = WorkerConfig(
+            device=device,
+            budget_bytes=budget or 0,
+            mode=self.fleet.mode,
+            max_inflight=self.fleet.controller.max_inflight,
+        )
         return config, (GPU_BUDGET_FRACTION if budget is None else None)
 
     def _make_client(

@@ -35,7 +35,7 @@ import yaml
 
 from prism.engine.engine import EngineConfig
 from prism.models.checkpoint import open_checkpoint
-from prism.serving.async_worker import AsyncWorker
+from prism.serving.async_worker import DEFAULT_MAX_WAITING, AsyncWorker
 from prism.serving.model_slot import ModelSpec
 from prism.serving.policies import SLO
 from prism.serving.worker import DeviceWorker, WorkerConfig, WorkerMode
@@ -72,17 +72,20 @@ class ControllerConfig:
     max_restarts: int = 3  # crashes of one worker within restart_window_s before giving up
     restart_window_s: float = 300.0
     worker_start_timeout_s: float = 300.0
-    max_waiting: int = 256  # requests per model that may queue beyond those running
+    max_waiting: int = DEFAULT_MAX_WAITING  # per model, queued beyond those running
+    max_inflight: int | None = None  # requests per device over all its models; None: no bound
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name == "tick_s":
+            if value is None and f.name in ("tick_s", "max_inflight"):
                 continue
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise ValueError(f"{f.name}: must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{f.name}: must be a finite number >= 0, got {value!r}")
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise ValueError(f"max_inflight: must be at least 1, got {self.max_inflight!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,7 +421,13 @@ def in_process_worker(fleet: FleetConfig, *, preload: bool = False) -> AsyncWork
     budget = fleet.budget_bytes
     if budget is None:
         budget = 4 << 30 if device == "cpu" else int(free_device_memory(device) * 0.9)
-    worker = DeviceWorker(WorkerConfig(device=device, budget_bytes=budget, mode=fleet.mode))
+    config = WorkerConfig(
+        device=device,
+        budget_bytes=budget,
+        mode=fleet.mode,
+        max_inflight=fleet.controller.max_inflight,
+    )
+    worker = DeviceWorker(config)
     try:
         for i in range(len(fleet.models)):
             worker.add_model(describe_model(fleet, i, default_dtype(devices[0])).spec)

@@ -124,6 +124,10 @@ def test_sizes() -> None:
             r"controller: tick_s: must be a finite number >= 0",
         ),
         (
+            "controller: {max_inflight: 0}\nmodels: [{name: m, path: /m}]\n",
+            r"controller: max_inflight: must be at least 1, got 0",
+        ),
+        (
             "controller: {tick: 1}\nmodels: [{name: m, path: /m}]\n",
             r"controller: unknown field\(s\) \['tick'\]",
         ),

@@ -57,6 +57,8 @@ def test_fleet_serving_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         _fleet_registry(_args("--config", str(two)))
     with pytest.raises(SystemExit, match="the --config file sets these; drop --model, --budget"):
         _fleet_registry(_args("--config", str(two), "--model", "x", "--budget", "1GiB"))
+    with pytest.raises(SystemExit, match="drop --max-waiting, --max-inflight"):
+        _fleet_registry(_args("--config", str(two), "--max-waiting", "4", "--max-inflight", "8"))
     one = tmp_path / "one.yaml"
     one.write_text(fleet_yaml(tiny, "a", devices="cpu"))
     with pytest.raises(SystemExit, match="model 'a' has no tokenizer"):
@@ -77,3 +79,22 @@ def test_in_process_worker_preloads_what_fits(tmp_path: Path) -> None:
         assert sorted(states.values()) == ["active", "active", "cached"]
     finally:
         worker.close()
+
+
+def test_the_fleet_files_request_bounds_reach_the_workers(tmp_path: Path) -> None:
+    """`controller.max_waiting` and `controller.max_inflight` bound the in-process worker
+    and every worker the controller starts."""
+    from prism.serving.controller import Controller
+
+    tiny = write_tiny(tmp_path / "tiny")
+    bounds = "{tick_s: null, max_waiting: 3, max_inflight: 5}"
+    fleet = parse_fleet(fleet_yaml(tiny, "a", devices="cpu", controller=bounds), "f.yaml")
+    worker = in_process_worker(fleet)
+    try:
+        assert worker.worker.config.max_inflight == 5
+        assert worker.models["a"].max_waiting == 3
+    finally:
+        worker.close()
+    two = parse_fleet(fleet_yaml(tiny, "ab", controller=bounds), "f.yaml")
+    config, _ = Controller(two)._worker_config("cpu:1")
+    assert config.max_inflight == 5
