@@ -16,9 +16,15 @@ def _fused(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_ops.AVAILABLE and x.is_contiguous()
 
 
+def _rows_dense(x: torch.Tensor) -> bool:
+    """A CUDA [T, H, D] tensor whose heads and dims are dense (rows may be strided: q, k
+    and v as views of one fused projection): what the Triton RoPE kernel indexes."""
+    return x.is_cuda and triton_ops.AVAILABLE and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., N], weight: [N]. Statistics in fp32, scaling in x's dtype (as HF does)."""
-    if _fused(x):
+    if x.is_cuda and triton_ops.AVAILABLE:  # a strided x (q/k norm of a fused QKV) is copied
         return triton_ops.add_rms_norm(x, None, weight, eps)[0]
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -36,11 +42,22 @@ def add_rms_norm(
 
 
 def swiglu_mlp(
-    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x: [T, H]; gate, up: [I, H]; down: [H, I] -> [T, H]."""
-    g, u = F.linear(x, gate), F.linear(x, up)
-    act = triton_ops.silu_mul(g, u) if _fused(g) else F.silu(g) * u
+    """x: [T, H]; gate, up: [I, H]; down: [H, I] -> [T, H]. `gate_up` [2I, H], gate's rows
+    then up's (the same memory), makes it one GEMM instead of two."""
+    if gate_up is not None:
+        gu = F.linear(x, gate_up)  # [T, 2I]: each row is gate's I values, then up's
+        if _fused(gu):
+            return F.linear(triton_ops.silu_mul_halves(gu), down)
+        g, u = gu.chunk(2, dim=-1)
+    else:
+        g, u = F.linear(x, gate), F.linear(x, up)
+    act = triton_ops.silu_mul(g, u) if _fused(g) and _fused(u) else F.silu(g) * u
     return F.linear(act, down)
 
 
@@ -91,7 +108,7 @@ class RotaryEmbedding:
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hkv, D], positions: [T] -> rotated q, k."""
-        if _fused(q) and k.is_contiguous():  # in place: q and k are fresh projections
+        if _rows_dense(q) and _rows_dense(k):  # in place: q and k are fresh projections
             triton_ops.rope_(q, self.cos, self.sin, positions)
             triton_ops.rope_(k, self.cos, self.sin, positions)
             return q, k

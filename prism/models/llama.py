@@ -39,11 +39,26 @@ class LayerWeights:
     v_bias: torch.Tensor | None  # [Hkv * D]
     q_norm: torch.Tensor | None  # [D], Qwen3
     k_norm: torch.Tensor | None  # [D]
+    # q, k, v (and their biases) and gate, up as one tensor each when they lie back to back
+    # in memory (as the weight layout puts them): one GEMM instead of three, and of two.
+    qkv: torch.Tensor | None = None  # [(Hq + 2 Hkv) * D, H]
+    qkv_bias: torch.Tensor | None = None
+    gate_up: torch.Tensor | None = None  # [2 I, H]
 
     @classmethod
     def from_tensors(cls, t: Mapping[str, torch.Tensor], layer: int) -> LayerWeights:
         p = f"model.layers.{layer}."
+        a = p + "self_attn."
+        qkv = back_to_back([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]])
+        qkv_bias = None
+        if a + "q_proj.bias" in t:
+            biases = [t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]]
+            qkv_bias = back_to_back(biases)
+            qkv = qkv if qkv_bias is not None else None  # both fused, or neither
         return cls(
+            qkv=qkv,
+            qkv_bias=qkv_bias,
+            gate_up=back_to_back([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]),
             input_norm=t[p + "input_layernorm.weight"],
             q_proj=t[p + "self_attn.q_proj.weight"],
             k_proj=t[p + "self_attn.k_proj.weight"],
@@ -59,6 +74,25 @@ class LayerWeights:
             q_norm=t.get(p + "self_attn.q_norm.weight"),
             k_norm=t.get(p + "self_attn.k_norm.weight"),
         )
+
+
+def back_to_back(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor over `parts` (rows concatenated, no copy) if they lie back to back in one
+    storage, contiguous, of one dtype and row shape; None otherwise."""
+    first = parts[0]
+    address = first.data_ptr()
+    for part in parts:
+        if (
+            part.data_ptr() != address
+            or not part.is_contiguous()
+            or part.dtype != first.dtype
+            or part.shape[1:] != first.shape[1:]
+            or part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+        ):
+            return None
+        address += part.nbytes
+    rows = sum(part.shape[0] for part in parts)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
 
 
 class LlamaModel:
@@ -164,7 +198,7 @@ class LlamaModel:
         for layer, kv_cache, next_norm in zip(self._layers, kv_caches, norms, strict=True):
             out = self._attention(layer, x, positions, kv_cache, meta)
             x, residual = add_rms_norm(out, residual, layer.post_norm, eps)
-            out = swiglu_mlp(x, layer.gate_proj, layer.up_proj, layer.down_proj)
+            out = swiglu_mlp(x, layer.gate_proj, layer.up_proj, layer.down_proj, layer.gate_up)
             x, residual = add_rms_norm(out, residual, next_norm, eps)
         return x
 
@@ -186,9 +220,17 @@ class LlamaModel:
         """x: [T, H] -> attention output projected back to [T, H]."""
         cfg = self.config
         tokens = x.shape[0]
-        q = F.linear(x, layer.q_proj, layer.q_bias).view(tokens, cfg.num_heads, cfg.head_dim)
-        k = F.linear(x, layer.k_proj, layer.k_bias).view(tokens, cfg.num_kv_heads, cfg.head_dim)
-        v = F.linear(x, layer.v_proj, layer.v_bias).view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        if layer.qkv is not None:  # views of one product: rows strided, last dim dense
+            q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split(
+                [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1
+            )
+        else:
+            q = F.linear(x, layer.q_proj, layer.q_bias)
+            k = F.linear(x, layer.k_proj, layer.k_bias)
+            v = F.linear(x, layer.v_proj, layer.v_bias)
+        q = q.view(tokens, cfg.num_heads, cfg.head_dim)
+        k = k.view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(tokens, cfg.num_kv_heads, cfg.head_dim)
         if layer.q_norm is not None and layer.k_norm is not None:
             q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)

@@ -69,7 +69,25 @@ def _build() -> dict[str, Any]:
         act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # silu, rounded as F.silu rounds
         tl.store(out_ptr + offs, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
 
-    return {"add_rms_norm": add_rms_norm, "rope": rope, "silu_mul": silu_mul}
+    @triton.jit
+    def silu_mul_halves(x_ptr, out_ptr, cols, BLOCK: tl.constexpr):
+        """Row r of x: [2 * cols] = gate then up; out row r = silu(gate) * up."""
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < cols
+        g = tl.load(x_ptr + row * 2 * cols + offs, mask=mask, other=0.0)
+        u = tl.load(x_ptr + row * 2 * cols + cols + offs, mask=mask, other=0.0)
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+        y = (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+        tl.store(out_ptr + row * cols + offs, y, mask=mask)
+
+    return {
+        "add_rms_norm": add_rms_norm,
+        "rope": rope,
+        "silu_mul": silu_mul,
+        "silu_mul_halves": silu_mul_halves,
+    }
 
 
 def _k(name: str) -> Any:
@@ -107,4 +125,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
     n = gate.numel()
     _k("silu_mul")[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024)
+    return out
+
+
+def silu_mul_halves(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] contiguous (each row: gate, then up) -> silu(gate) * up: [T, I]."""
+    rows, width = gate_up.shape
+    cols = width // 2
+    out = torch.empty((rows, cols), dtype=gate_up.dtype, device=gate_up.device)
+    _k("silu_mul_halves")[(rows, triton.cdiv(cols, 1024))](gate_up, out, cols, BLOCK=1024)
     return out

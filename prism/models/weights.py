@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from prism.memory.weight_arena import WeightSpec  # one tensor the model needs
+from prism.memory.weight_arena import WeightSpec, layout, views_over
 from prism.models.config import ModelConfig
 
 # Buffers some checkpoints carry that the model recomputes itself.
@@ -25,11 +25,11 @@ def weight_specs(config: ModelConfig, dtype: torch.dtype) -> list[WeightSpec]:
 def allocate_weights(
     config: ModelConfig, dtype: torch.dtype, device: torch.device | str
 ) -> dict[str, torch.Tensor]:
-    """Uninitialised storage for every weight, one tensor per spec."""
-    return {
-        s.name: torch.empty(s.shape, dtype=s.dtype, device=device)
-        for s in weight_specs(config, dtype)
-    }
+    """Uninitialised storage for every weight: views of one buffer laid out as a weight
+    arena lays it out, so that q/k/v and gate/up lie back to back (fused GEMMs)."""
+    specs = weight_specs(config, dtype)
+    flat = torch.empty(layout(specs)[1], dtype=torch.uint8, device=device)
+    return views_over(flat, specs)
 
 
 def copy_weights(

@@ -41,7 +41,12 @@ TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "llama",
         {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "tie_word_embeddings": True},
     ),
-    "qwen2-bias": ("qwen2", {"tie_word_embeddings": False, "rope_theta": 1e6}),
+    # 4 KV heads: k/v biases of 64 fp32 = 256 bytes, the weight layout's alignment, so q/k/v
+    # and their biases lie back to back and the fused projection is the one exercised.
+    "qwen2-bias": (
+        "qwen2",
+        {"tie_word_embeddings": False, "rope_theta": 1e6, "num_key_value_heads": 4},
+    ),
     "qwen3-qk-norm": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
 }
 
@@ -56,7 +61,7 @@ def build_tiny_hf_model(variant: str, seed: int = 0) -> Any:
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[family]
-    config = config_cls(**TINY_COMMON, **extra, attn_implementation="eager")
+    config = config_cls(**(TINY_COMMON | extra), attn_implementation="eager")
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():

@@ -62,8 +62,35 @@ def test_silu_mul_matches_torch() -> None:
     assert _ulps(triton_ops.silu_mul(g, u), F.silu(g) * u) <= 1.01
 
 
+def test_silu_mul_halves_matches_torch() -> None:
+    """The fused gate/up product's halves: SiLU(gate) * up, rounded as torch rounds it."""
+    from prism.models import triton_ops
+
+    gu = torch.randn(13, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+    g, u = gu.chunk(2, dim=-1)
+    assert _ulps(triton_ops.silu_mul_halves(gu), F.silu(g) * u) <= 1.01
+
+
+def test_rope_on_views_of_a_fused_projection() -> None:
+    """q and k as row-strided views of one QKV product rotate as contiguous copies do,
+    and v, beside them, is left alone."""
+    from prism.models.layers import RotaryEmbedding
+
+    rope = RotaryEmbedding(128, 4096, 500000.0, None, torch.bfloat16, torch.device("cuda"))
+    qkv = torch.randn(19, (32 + 2 * 8) * 128, device="cuda", dtype=torch.bfloat16)
+    pos = torch.randint(0, 4096, (19,), device="cuda")
+    q, k, v = (t.view(19, -1, 128) for t in qkv.split([32 * 128, 8 * 128, 8 * 128], dim=-1))
+    want_q, want_k = rope(q.contiguous(), k.contiguous(), pos)
+    v_before = v.clone()
+    got_q, got_k = rope(q, k, pos)
+    assert got_q.data_ptr() == q.data_ptr()  # in place, through the strides
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(v, v_before)
+
+
 def test_cuda_model_matches_transformers() -> None:
-    """Our Llama on the GPU (fused kernels, Triton attention) against transformers, bf16."""
+    """Our Llama on the GPU (fused kernels and projections, Triton attention) against
+    transformers, bf16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from prism.models.attention import AttentionMetadata
@@ -78,8 +105,10 @@ def test_cuda_model_matches_transformers() -> None:
     )  # fmt: skip
     hf = LlamaForCausalLM(hf_config).to("cuda", torch.bfloat16).eval()
     config = ModelConfig.from_hf_dict(hf_config.to_dict() | {"architectures": ["LlamaForCausalLM"]})
-    ours = LlamaModel(config, TritonAttention())
-    ours.bind_weights({n: p.detach() for n, p in hf.named_parameters()})
+    ours = LlamaModel.allocate(config, torch.bfloat16, "cuda", TritonAttention())
+    assert ours._layers[0].qkv is not None and ours._layers[0].gate_up is not None  # fused
+    for name, param in hf.named_parameters():
+        ours.weights[name].copy_(param.detach())
     ids = torch.randint(0, 1000, (1, 40), device="cuda")
     with torch.no_grad():
         want = hf(ids).logits[0].float()
