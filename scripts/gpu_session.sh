@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, one part per device call (each fits the 10-minute limit):
+#
+#   bash scripts/gpu_session.sh PART [PART ...]
+#
+#   tests       every `-m gpu` test (pool, caches, kernels, engine, worker, chaos)
+#   engine      benchmarks/bench_engine.py: decode/prefill against the floor, offline
+#   worker      benchmarks/bench_worker.py: overlap of co-located models, shift at 3 rates
+#   wake        benchmarks/bench_worker.py: wake latency against the H2D floor, steady
+#   multimodel  benchmarks/bench_multimodel.py: 8 models at 80 GiB; MODES (default
+#               prism,static,swap) and SLOS (a JSON of solo SLOs from an earlier call, put
+#               under .traces/ and carried) split it over calls: a mode takes ~5-9 min
+#   validate    benchmarks/validate_sim.py: the simulator against the live worker
+#
+# Results go under $OUT (the device tool copies them back); logs print as they run.
+# Needs PRISM_COMMIT (the device checkout's git HEAD may be stale). Traces come from
+# TRACES (default .traces, laid out as ../shared/traces: azure-llm-2023/ and
+# servegen/data/language/m-large/); carry `.whl` (the gguf wheel) and `.traces`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results}
+TRACES=${TRACES:-.traces}
+mkdir -p "$OUT"
+export PRISM_COMMIT=${PRISM_COMMIT:-$(git rev-parse --short HEAD)}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ! python -c "import gguf" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    pip install --quiet --no-deps .whl/*.whl
+fi
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+azure=$TRACES/azure-llm-2023/AzureLLMInferenceTrace_code.csv
+
+for part in "$@"; do
+    echo "=== $part ($(date -u +%H:%M:%S)) ==="
+    case $part in
+        tests)
+            python -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+                2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+            ;;
+        engine)
+            python benchmarks/bench_engine.py --trace "$azure" --out "$OUT/bench_engine_h200.json"
+            ;;
+        worker)
+            python benchmarks/bench_worker.py --parts overlap,shift --rates 8,11,14 \
+                --out "$OUT/bench_worker_shift_h200.json"
+            ;;
+        wake)
+            python benchmarks/bench_worker.py --parts wake,steady --out "$OUT/bench_worker_h200.json"
+            ;;
+        multimodel)
+            python benchmarks/bench_multimodel.py --traces "$TRACES" \
+                --modes "${MODES:-prism,static,swap}" ${SLOS:+--slos "$SLOS"} \
+                --out "$OUT/bench_multimodel_h200.json"
+            ;;
+        validate)
+            python benchmarks/validate_sim.py --device cuda --traces "$TRACES" \
+                --out "$OUT/validate_sim_h200.json"
+            ;;
+        *)
+            echo "unknown part: $part" >&2
+            exit 2
+            ;;
+    esac
+done
