@@ -130,6 +130,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         budget_bytes=budget,
         mode=WorkerMode(args.mode),
         max_inflight=args.max_inflight,
+        host_budget_bytes=args.host_budget,
     )
 
 
@@ -185,7 +186,9 @@ def _fleet_registry(args: argparse.Namespace) -> Registry:
     from prism.server.fleet_registry import FleetRegistry
     from prism.serving.fleet import FleetConfigError, in_process_worker, load_fleet
 
-    options = ("model", "budget", "max_kv", "max_model_len", "max_waiting", "max_inflight")
+    options = (
+        "model", "budget", "host_budget", "max_kv", "max_model_len", "max_waiting", "max_inflight",
+    )  # fmt: skip
     clashing = [f"--{o.replace('_', '-')}" for o in options if getattr(args, o) is not None]
     if clashing:
         raise SystemExit(f"prism serve: the --config file sets these; drop {', '.join(clashing)}")
@@ -361,6 +364,14 @@ def _add_serve_parser(sub: Any, environ: Mapping[str, str]) -> None:
         "--preload",
         action="store_true",
         help="wake every model at start (default: each wakes on its first request)",
+    )
+    serve.add_argument(
+        "--host-budget",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="host memory for the models' weight copies; beyond it the least recently used "
+        "model not on the device drops its copy (reloaded from disk when next woken)",
     )
     serve.add_argument(
         "--max-kv",

@@ -325,6 +325,7 @@ class Controller:
             budget_bytes=budget or 0,
             mode=self.fleet.mode,
             max_inflight=self.fleet.controller.max_inflight,
+            host_budget_bytes=self.fleet.host_budget_bytes,
         )
         return config, (GPU_BUDGET_FRACTION if budget is None else None)
 

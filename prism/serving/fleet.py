@@ -3,6 +3,7 @@
 ```yaml
 devices: [cpu:0, cpu:1]   # auto | cpu | [0, 1] | [cuda:0, cuda:1] | [cpu:0, cpu:1]
 budget: 2GiB              # per device (default: 4 GiB on the CPU, 90% of a GPU's free memory)
+host_budget: 64GiB        # per device: host copies of weights beyond it are dropped, LRU first
 mode: prism               # prism | static | swap
 controller:               # optional: any field of ControllerConfig
   placement_interval_s: 10
@@ -115,6 +116,7 @@ class FleetConfig:
     models: tuple[FleetModel, ...]
     devices: tuple[str, ...] | None = None  # device ids ("cpu:0", "cuda:1"); None: auto
     budget_bytes: int | None = None  # per device; None: the device's default
+    host_budget_bytes: int | None = None  # host copies per device; None: no bound
     mode: WorkerMode = WorkerMode.PRISM
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     path: str = "<fleet>"  # where it was read from, for messages
@@ -181,10 +183,13 @@ class _Parser:
 
     def fleet(self, data: object) -> FleetConfig:
         top = self.mapping(data, "the file")
-        self.known(top, "the file", ("devices", "budget", "mode", "controller", "models"))
+        fields = ("devices", "budget", "host_budget", "mode", "controller", "models")
+        self.known(top, "the file", fields)
         self.require(top, "the file", "models")
         devices = self.devices(top.get("devices", "auto"))
         budget = self.size(top["budget"], "budget") if top.get("budget") is not None else None
+        host = top.get("host_budget")
+        host_budget = self.size(host, "host_budget") if host is not None else None
         mode = self.choice(top.get("mode", "prism"), "mode", [m.value for m in WorkerMode])
         items = top["models"]
         if not isinstance(items, list) or not items:
@@ -195,6 +200,7 @@ class _Parser:
             models=models,
             devices=devices,
             budget_bytes=budget,
+            host_budget_bytes=host_budget,
             mode=WorkerMode(mode),
             controller=self.controller(top.get("controller") or {}),
             path=self.path,
@@ -426,6 +432,7 @@ def in_process_worker(fleet: FleetConfig, *, preload: bool = False) -> AsyncWork
         budget_bytes=budget,
         mode=fleet.mode,
         max_inflight=fleet.controller.max_inflight,
+        host_budget_bytes=fleet.host_budget_bytes,
     )
     worker = DeviceWorker(config)
     try:

@@ -44,8 +44,9 @@ def test_serve_builds_one_worker_for_the_device() -> None:
     assert (args.mode, args.preload, args.max_kv) == ("prism", False, None)
     assert worker_config(args) == WorkerConfig("cpu", 4 << 30, WorkerMode.PRISM)
     argv = ["serve", "--budget", "2GiB", "--mode", "swap", "--preload", "--device", "cpu"]
-    args = build_parser({}).parse_args(argv)
-    assert args.preload and worker_config(args) == WorkerConfig("cpu", 2 << 30, WorkerMode.SWAP)
+    args = build_parser({}).parse_args([*argv, "--host-budget", "8GiB"])
+    want = WorkerConfig("cpu", 2 << 30, WorkerMode.SWAP, host_budget_bytes=8 << 30)
+    assert args.preload and worker_config(args) == want
 
 
 def test_static_mode_needs_a_kv_share() -> None:

@@ -21,6 +21,7 @@ from prism.serving.worker import WorkerMode
 FULL = """
 devices: [0, cuda:1]
 budget: 20GiB
+host_budget: 100GiB
 mode: prism
 controller: {placement_interval_s: 5, idle_eviction_s: 30}
 models:
@@ -46,6 +47,7 @@ def test_a_full_file_parses_to_plain_config(tmp_path: Path) -> None:
     fleet = load_fleet(path)
     assert fleet.devices == ("cuda:0", "cuda:1") and fleet.device_ids() == fleet.devices
     assert fleet.budget_bytes == 20 << 30 and fleet.mode is WorkerMode.PRISM
+    assert fleet.host_budget_bytes == 100 << 30
     assert fleet.controller == ControllerConfig(placement_interval_s=5, idle_eviction_s=30)
     llama, qwen, smol = fleet.models
     assert llama.source == "/models/Llama-3.1-8B-Instruct" and llama.load_format == "auto"
@@ -118,6 +120,7 @@ def test_sizes() -> None:
         ("devices: [0, 0]\nmodels: [{name: m, path: /m}]\n", r"devices: a device is listed twice"),
         ("mode: fast\nmodels: [{name: m, path: /m}]\n", r"mode: must be one of \['prism'"),
         ("budget: -1\nmodels: [{name: m, path: /m}]\n", r"budget: not a size: -1"),
+        ("host_budget: lots\nmodels: [{name: m, path: /m}]\n", r"host_budget: not a size"),
         ("modles: []\n", r"the file: unknown field\(s\) \['modles'\]"),
         (
             "controller: {tick_s: -1}\nmodels: [{name: m, path: /m}]\n",

@@ -82,19 +82,21 @@ def test_in_process_worker_preloads_what_fits(tmp_path: Path) -> None:
 
 
 def test_the_fleet_files_request_bounds_reach_the_workers(tmp_path: Path) -> None:
-    """`controller.max_waiting` and `controller.max_inflight` bound the in-process worker
-    and every worker the controller starts."""
+    """`controller.max_waiting`, `controller.max_inflight` and `host_budget` bound the
+    in-process worker and every worker the controller starts."""
     from prism.serving.controller import Controller
 
     tiny = write_tiny(tmp_path / "tiny")
     bounds = "{tick_s: null, max_waiting: 3, max_inflight: 5}"
-    fleet = parse_fleet(fleet_yaml(tiny, "a", devices="cpu", controller=bounds), "f.yaml")
+    host = "host_budget: 3MiB\n"
+    fleet = parse_fleet(host + fleet_yaml(tiny, "a", devices="cpu", controller=bounds), "f.yaml")
     worker = in_process_worker(fleet)
     try:
         assert worker.worker.config.max_inflight == 5
+        assert worker.worker.config.host_budget_bytes == 3 << 20
         assert worker.models["a"].max_waiting == 3
     finally:
         worker.close()
-    two = parse_fleet(fleet_yaml(tiny, "ab", controller=bounds), "f.yaml")
+    two = parse_fleet(host + fleet_yaml(tiny, "ab", controller=bounds), "f.yaml")
     config, _ = Controller(two)._worker_config("cpu:1")
-    assert config.max_inflight == 5
+    assert config.max_inflight == 5 and config.host_budget_bytes == 3 << 20
