@@ -1,5 +1,6 @@
 """Engine benchmark on one GPU: decode and prefill against the physical floor, offline
-throughput against Hugging Face transformers, KV memory mapped vs static reservation.
+throughput against Hugging Face transformers (continuous-batching `generate_batch` and
+static-batch `generate`), KV memory mapped vs static reservation.
 
 Everything is measured in one run: the copy bandwidth and bf16 matmul rate that make
 the floors, then Prism's engine (random weights at real model shapes, bf16), then
@@ -229,6 +230,45 @@ def offline_hf(config: ModelConfig, requests: list[tuple[int, int]], output: int
             "tokens_per_s": tokens / elapsed}  # fmt: skip
 
 
+def offline_hf_static(
+    config: ModelConfig, requests: list[tuple[int, int]], output: int, batch: int = 64
+) -> dict:
+    """transformers' static-batch `generate` on the same prompts: batches of `batch` in
+    arrival order, left-padded to the batch's longest prompt, `output` new tokens each."""
+    from transformers.generation import GenerationConfig
+
+    model = hf_model(config)
+    model.set_attn_implementation("sdpa")
+    rng = random.Random(3)
+    prompts = [[rng.randrange(1, config.vocab_size) for _ in range(p)] for p, _ in requests]
+    gen = GenerationConfig(max_new_tokens=output, min_new_tokens=output, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)  # fmt: skip
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    tokens = 0
+    for first in range(0, len(prompts), batch):
+        group = prompts[first : first + batch]
+        width = max(len(p) for p in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, p in enumerate(group):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                generation_config=gen,
+            )
+        tokens += (out.shape[1] - width) * len(group)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t
+    del model
+    torch.cuda.empty_cache()
+    return {"requests": len(requests), "batch": batch, "output_tokens": tokens,
+            "seconds": elapsed, "tokens_per_s": tokens / elapsed}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trace", required=True)
@@ -266,6 +306,10 @@ def main() -> None:
                 row["prism_over_hf"] = (
                     row["fixed_output"]["tokens_per_s"] / row["hf_generate_batch"]["tokens_per_s"]
                 )
+                row["hf_generate_static"] = offline_hf_static(PRESETS[name], reqs, fixed)
+                row["prism_over_hf_static"] = (
+                    row["fixed_output"]["tokens_per_s"] / row["hf_generate_static"]["tokens_per_s"]
+                )
             results["offline"][name] = row
             with open(args.out, "w") as f:  # keep what is done if a later part runs out of time
                 json.dump(results, f, indent=2)
@@ -287,6 +331,10 @@ def main() -> None:
         if "hf_generate_batch" in row:
             line += (f", HF generate_batch {row['hf_generate_batch']['tokens_per_s']:.0f} "
                      f"tok/s = {row['prism_over_hf']:.1f}x")  # fmt: skip
+        if "hf_generate_static" in row:
+            line += (f", HF generate (static batches of 64) "
+                     f"{row['hf_generate_static']['tokens_per_s']:.0f} tok/s = "
+                     f"{row['prism_over_hf_static']:.1f}x")  # fmt: skip
         kv = row["trace_lengths"]
         line += (f"; KV peak {kv['peak_kv_mapped_gib']:.2f} GiB vs static "
                  f"{kv['static_reservation_gib']:.1f} GiB")  # fmt: skip
