@@ -29,6 +29,7 @@ from prism.memory import PagePool, make_vmm
 from prism.models.default import default_model_path
 from prism.server.admin_client import AdminClient, AdminError
 from prism.server.bench import add_bench_parser
+from prism.server.limits import DEFAULT_MAX_BODY_BYTES
 from prism.server.registry import ModelRegistry, ModelSpec, Registry, default_name
 from prism.server.top import add_top_parser
 from prism.serving.async_worker import DEFAULT_MAX_WAITING
@@ -168,7 +169,7 @@ def _serve_registry(args: argparse.Namespace, registry: Registry) -> int:
     if isinstance(registry, ModelRegistry):  # a fleet's models load when the server starts
         for model in registry:
             print(f"  {model.name}: {model.state.value}", flush=True)
-    app = create_app(registry, api_key=args.api_key)
+    app = create_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     print(_banner(args, registry.models()[0].name), flush=True)
     uvicorn.run(
         app,
@@ -176,6 +177,9 @@ def _serve_registry(args: argparse.Namespace, registry: Registry) -> int:
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=5,  # then open streams are cancelled (and aborted)
+        # h11, whose 16 KiB bound on a request line and headers the tests check; "auto"
+        # would take httptools whenever it happens to be installed
+        http="h11",
     )
     return 0
 
@@ -397,6 +401,13 @@ def _add_serve_parser(sub: Any, environ: Mapping[str, str]) -> None:
         metavar="N",
         help="requests in flight on the device over all models; more get 429 (default: "
         "only the per-model bound; a --config file sets it as controller.max_inflight)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=parse_size,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="SIZE",
+        help="larger request bodies get 413 (default: 8MiB)",
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)

@@ -51,6 +51,7 @@ MODEL_LIMIT_CODES = {
     "invalid_token_id": "a prompt token id is beyond its vocabulary",
     "too_many_sequences": "prompts × n exceed the sequences it runs at once",
     "chat_template_error": "its chat template has none, or refuses the messages",
+    "kv_limit_too_small": "a KV limit below the least its KV cache holds",
 }
 
 # What each error status means on Prism's routes, for the OpenAPI schema.
@@ -61,6 +62,8 @@ _MEANINGS = {
     401: "A missing or wrong API key (when the server requires one)",
     404: "No model of that name",
     409: "The model's state rules it out now (requests in flight, no memory, ...)",
+    413: "The request body is larger than the server's limit (`prism serve "
+    "--max-body-bytes`); the message states it",
     429: "The model's queue (or the device's bound on requests in flight) is full; the "
     "message states the limit; retry after `Retry-After` seconds",
     500: "The engine failed while running the request",
@@ -136,6 +139,23 @@ def unavailable(message: str, retry_after_s: int = 5) -> APIError:
     )
 
 
+def body_too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than this server's limit of {limit} bytes.",
+        code="request_too_large",
+    )
+
+
+class BodyTooLarge(HTTPException):
+    """A request body found over the limit while it is read. An HTTPException because
+    FastAPI answers any other exception raised while it reads a body with a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, body_too_large(limit).info.message)
+        self.limit = limit
+
+
 def server_error(message: str) -> APIError:
     return APIError(500, message, type="server_error", code="internal_error")
 
@@ -157,6 +177,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(BodyTooLarge, _body_too_large)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
 
 
@@ -195,9 +216,22 @@ def _is_branch(part: str) -> bool:
 
 
 async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
+    if isinstance(error.__cause__, RecursionError | UnicodeDecodeError):
+        return _unreadable_body(error.__cause__).response()
     kind = "invalid_request_error" if error.status_code < 500 else "server_error"
     body = ErrorResponse(error=ErrorInfo(message=str(error.detail), type=kind))
     return JSONResponse(body.model_dump(), error.status_code, headers=error.headers)
+
+
+def _unreadable_body(cause: RecursionError | UnicodeDecodeError) -> APIError:
+    """FastAPI's 400 for a body that `json.loads` fails on other than by its syntax."""
+    if isinstance(cause, RecursionError):
+        return bad_request("the request body is not valid JSON: it is nested too deeply")
+    return bad_request(f"the request body is not valid UTF-8: {cause.reason} at byte {cause.start}")
+
+
+async def _body_too_large(_: Request, error: BodyTooLarge) -> JSONResponse:
+    return body_too_large(error.limit).response()
 
 
 async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from server_helpers import API_KEY, MAX_MODEL_LEN, MODEL, MODEL_B, LiveServer, run_server
+from server_helpers import API_KEY, MAX_MODEL_LEN, MODEL, MODEL_B, LiveServer, run_uvicorn
 
 from prism.engine import EngineConfig
 from prism.models import default_model_path
@@ -37,8 +37,8 @@ def _registry() -> ModelRegistry:
 @pytest.fixture(scope="session")
 def server() -> Iterator[LiveServer]:
     registry = _registry()
-    with run_server(create_app(registry, api_key=API_KEY)) as url:
-        yield LiveServer(url, registry)
+    with run_uvicorn(create_app(registry, api_key=API_KEY)) as (url, http):
+        yield LiveServer(url, registry, http)
     assert not any(m.engine.is_running for m in registry), "the app did not stop its engines"
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import httpx
 import torch
 import uvicorn
 from fastapi import FastAPI
@@ -35,6 +36,7 @@ MAX_MODEL_LEN = 512
 class LiveServer:
     base_url: str  # http://127.0.0.1:PORT
     registry: ModelRegistry
+    http: uvicorn.Server | None = None  # for tests that look at its connections
 
     @property
     def api_url(self) -> str:
@@ -49,20 +51,62 @@ class LiveServer:
 @contextmanager
 def run_server(app: FastAPI) -> Iterator[str]:
     """uvicorn serving `app` in a thread on a free 127.0.0.1 port; yields the base URL."""
+    with run_uvicorn(app) as (url, _):
+        yield url
+
+
+@contextmanager
+def run_uvicorn(app: FastAPI) -> Iterator[tuple[str, uvicorn.Server]]:
+    """`run_server`, yielding the uvicorn server as well (h11, as `prism serve` runs it)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http="h11"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         wait_until(lambda: server.started or not thread.is_alive(), timeout=30)
         assert server.started, "the server did not start"
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def connect(
+    server: LiveServer, timeout: float = 10.0, receive_buffer: int | None = None
+) -> socket.socket:
+    """A raw connection to the server, for what no HTTP client library sends. A small
+    `receive_buffer` is set before connecting, so the window is small from the start."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(timeout)
+    sock.connect((host, int(port)))
+    return sock
+
+
+def request_head(target: str, *headers: str, method: str = "POST") -> bytes:
+    """A request line and headers (with the API key, a JSON body) as raw bytes."""
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"Authorization: Bearer {API_KEY}",
+        "Content-Type: application/json",
+        *headers,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def aborted_requests(server: LiveServer, model: str = MODEL) -> float:
+    """Engine requests of `model` abandoned by their clients, from /metrics."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    text = httpx.get(f"{server.base_url}/metrics", headers=headers).text
+    key = f'prism:request_success_total{{finished_reason="abort",model_name="{model}"}}'
+    lines = [line for line in text.splitlines() if line.startswith(key)]
+    return float(lines[0].split()[-1]) if lines else 0.0
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:

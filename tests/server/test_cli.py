@@ -26,6 +26,12 @@ def test_api_key_comes_from_the_flag_or_the_environment() -> None:
     assert build_parser(env).parse_args(["serve", "--api-key", "flag"]).api_key == "flag"
 
 
+def test_max_body_bytes_is_a_size_of_8_mib_by_default() -> None:
+    assert build_parser({}).parse_args(["serve"]).max_body_bytes == 8 << 20
+    args = build_parser({}).parse_args(["serve", "--max-body-bytes", "1MiB"])
+    assert args.max_body_bytes == 1 << 20
+
+
 def test_model_specs_with_and_without_names() -> None:
     assert parse_model_spec("a=/models/x.gguf") == ModelSpec("a", "/models/x.gguf")
     assert parse_model_spec("/models/Qwen3-1.7B") == ModelSpec("Qwen3-1.7B", "/models/Qwen3-1.7B")

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from server_helpers import API_KEY, MODEL, LiveServer, idle, kv_cache_all_free, wait_until
+from server_helpers import (
+    API_KEY,
+    MODEL,
+    LiveServer,
+    aborted_requests,
+    idle,
+    kv_cache_all_free,
+    wait_until,
+)
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 # Long enough to be still running when the client leaves; the abort counter then
@@ -17,17 +25,10 @@ LONG = {
 }
 
 
-def _aborted(server: LiveServer) -> float:
-    text = httpx.get(f"{server.base_url}/metrics", headers=HEADERS).text
-    key = f'prism:request_success_total{{finished_reason="abort",model_name="{MODEL}"}}'
-    lines = [line for line in text.splitlines() if line.startswith(key)]
-    return float(lines[0].split()[-1]) if lines else 0.0
-
-
 def test_closing_a_stream_aborts_the_request(server: LiveServer) -> None:
     engine = server.engine(MODEL)
     wait_until(lambda: idle(engine))
-    aborted = _aborted(server)
+    aborted = aborted_requests(server)
     url = f"{server.api_url}/chat/completions"
     with (
         httpx.Client(timeout=30) as http,
@@ -41,15 +42,15 @@ def test_closing_a_stream_aborts_the_request(server: LiveServer) -> None:
         assert engine.stats.kv_used_blocks > 0
     wait_until(lambda: idle(engine), timeout=15)
     wait_until(lambda: kv_cache_all_free(engine))
-    assert _aborted(server) == aborted + 1
+    assert aborted_requests(server) == aborted + 1
 
 
 def test_a_non_streaming_client_that_times_out_aborts_the_request(server: LiveServer) -> None:
     engine = server.engine(MODEL)
     wait_until(lambda: idle(engine))
-    aborted = _aborted(server)
+    aborted = aborted_requests(server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.api_url}/chat/completions", json=LONG, headers=HEADERS, timeout=1.5)
     wait_until(lambda: idle(engine), timeout=15)
     wait_until(lambda: kv_cache_all_free(engine))
-    assert _aborted(server) == aborted + 1
+    assert aborted_requests(server) == aborted + 1

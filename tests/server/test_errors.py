@@ -87,6 +87,23 @@ def test_prompt_too_long_is_400_with_the_limit(client: openai.OpenAI) -> None:
         client.completions.create(model=MODEL, prompt=[1] * 10, max_tokens=MAX_MODEL_LEN)
 
 
+def test_a_kv_limit_below_the_least_a_cache_holds_is_400_with_the_least(
+    server: LiveServer,
+) -> None:
+    """The least differs from model to model (a group of pages per layer), so the schema
+    allows any size and the 400 carries a model-limit code."""
+    response = httpx.post(
+        f"{server.base_url}/admin/models/{MODEL}/limit",
+        json={"kv_bytes": 1},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "kv_limit_too_small" and error["param"] == "kv_bytes"
+    assert error["message"].startswith("kv_bytes: 1 is below the least smol's KV cache holds: ")
+    assert error["message"].endswith(" bytes")
+
+
 def test_api_key_is_required_except_for_health(server: LiveServer) -> None:
     wrong = openai.OpenAI(base_url=server.api_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:

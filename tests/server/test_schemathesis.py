@@ -8,17 +8,24 @@ reach the 404) and their generation lengths are capped so a CPU run stays short;
 caps keep invalid values invalid, so the shape of every request is still the fuzzer's.
 A valid request may still exceed the limits of the model it names (its context, its
 vocabulary): the 400 that says so, with its documented code, is the one 4xx accepted.
+
+The stateful run chains calls along the schema's links (the model one response names is
+the one the next call uses), so completions and admin calls meet a real model asleep,
+awake and under random KV limits, which the stateless run (random names: 404) never does.
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from typing import Any
 
 import httpx
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import CheckContext, GenerationMode, openapi
+from schemathesis.generation.stateful.state_machine import StepInput, StepOutput
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from server_helpers import API_KEY, MODEL, LiveServer
+from server_helpers import API_KEY, MODEL, LiveServer, idle, wait_until
 
 from prism.server.errors import MODEL_LIMIT_CODES
 from prism.server.protocol import MAX_N
@@ -79,11 +86,13 @@ def test_schema_documents_errors_as_served(server: LiveServer) -> None:
             assert "422" not in responses
             assert ("401" in responses) == (path != "/health")
     chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
-    assert set(chat) == {"200", "400", "401", "404", "429", "500", "503"}
+    assert set(chat) == {"200", "400", "401", "404", "413", "429", "500", "503"}
     assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
     assert chat["429"]["headers"]["Retry-After"]
     error = chat["400"]["content"]["application/json"]["schema"]["$ref"]
     assert error == "#/components/schemas/ErrorResponse"
+    links = schema["paths"]["/v1/models"]["get"]["responses"]["200"]["links"]
+    assert links["CreateChatCompletion"]["requestBody"] == {"model": "$response.body#/data/0/id"}
 
 
 def test_api_conforms_and_never_fails(server: LiveServer) -> None:
@@ -117,3 +126,85 @@ def test_api_conforms_and_never_fails(server: LiveServer) -> None:
             )
 
         check()
+
+
+SETTINGS = settings(
+    max_examples=80,
+    stateful_step_count=6,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+
+
+def test_stateful_runs_follow_the_model_links(server: LiveServer) -> None:
+    """Sequences of calls that follow the schema's links: the model a response names
+    (`GET /v1/models`, `GET /admin/models`, a wake, sleep or limit) is the one the next
+    call wakes, sleeps, limits, retrieves or asks for a completion. So completions reach a
+    model just put to sleep (and wake it) or given a random KV limit, and admin calls meet
+    a model in each state; every response is checked as in the stateless run. The models'
+    state and KV limits are restored afterwards for the other tests."""
+    before = _admin_models(server)
+    schema = openapi.from_url(f"{server.base_url}/openapi.json", headers=AUTH)
+    followed: Counter[str] = Counter()
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def step(self, input: StepInput) -> StepOutput:
+            if input.transition is not None and input.is_applied:
+                followed[input.transition.id] += 1
+            return super().step(input)
+
+        def before_call(self, case: Any) -> None:
+            if isinstance(case.body, dict):
+                _cap_lengths(case.body)
+
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"headers": AUTH, "timeout": 120}
+
+        def validate_response(
+            self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any
+        ) -> None:
+            case.validate_response(
+                response,
+                excluded_checks=[positive_data_acceptance],
+                additional_checks=[_accepts_valid_data],
+                transport_kwargs=kwargs or None,
+                recorder=self.recorder,
+            )
+
+    start = time.monotonic()
+    try:
+        Workflow.run(settings=SETTINGS)
+    finally:
+        _restore(server, before)
+    targets: Counter[str] = Counter()
+    for link, count in followed.items():  # "GET /v1/models -> [200] WakeModel -> POST /admin/..."
+        targets[link.split(" ")[-1]] += count
+    print(
+        f"\nstateful: {len(followed)} links followed {targets.total()} times in "
+        f"{time.monotonic() - start:.0f} s: {dict(targets)}"
+    )
+    assert {"/v1/completions", "/v1/chat/completions"} <= set(targets)
+    assert {"/admin/models/{name}/sleep", "/admin/models/{name}/wake"} <= set(targets)
+
+
+def _admin_models(server: LiveServer) -> list[dict[str, Any]]:
+    response = httpx.get(f"{server.base_url}/admin/models", headers=AUTH)
+    return list(response.json()["models"])
+
+
+def _restore(server: LiveServer, models: list[dict[str, Any]]) -> None:
+    for name in (m["name"] for m in models):
+        wait_until(lambda name=name: idle(server.engine(name)), timeout=60)
+    for model in models:
+        admin = f"{server.base_url}/admin/models/{model['name']}"
+        assert httpx.post(f"{admin}/wake", headers=AUTH, timeout=60).status_code == 200
+        limit = {"kv_bytes": model["kv_bytes_limit"]}
+        response = httpx.post(f"{admin}/limit", json=limit, headers=AUTH, timeout=60)
+        assert response.status_code == 200
+
+    def settled(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(m["name"], m["state"], m["kv_bytes_limit"]) for m in rows]
+
+    assert settled(_admin_models(server)) == settled(models)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from prism.engine.async_engine import EngineClosed
 from prism.server import errors
-from prism.server.errors import documented
+from prism.server.errors import APIError, documented
 from prism.server.metrics import CONTENT_TYPE
 from prism.server.registry import ModelWorker, ServedModel
 from prism.server.state import server_state
@@ -109,11 +109,28 @@ async def sleep_model(request: Request, name: str) -> AdminModel:
 
 @router.post("/admin/models/{name}/limit", responses=documented(400, 404, 409, 503))
 async def limit_model(request: Request, name: str, body: KVLimit) -> AdminModel:
-    """Cap the model's KV cache; memory beyond the cap goes back to the pool (what its
-    running requests hold stays until they finish)."""
+    """Cap the model's KV cache; memory beyond the cap goes back to the pool (running
+    requests that hold more are preempted until they fit: they wait, to be recomputed)."""
     model = _model(request, name)
-    await _admin_call(model.engine.set_kv_limit(body.kv_bytes))
+    try:
+        await _admin_call(model.engine.set_kv_limit(body.kv_bytes))
+    except APIError as e:
+        if e.status != 400:
+            raise
+        raise _limit_too_small(model, body.kv_bytes, e.info.message) from e
     return _row(model)
+
+
+def _limit_too_small(model: ServedModel, kv_bytes: int, message: str) -> APIError:
+    """The 400 for a limit below the least the model's KV cache holds (a group of pages
+    per layer), which differs from model to model: no schema can state it."""
+    pool = model.worker.stats().pool
+    kv = next((t for t in pool.tenants if t.name == f"{model.name}/kv"), None)
+    if kv is not None:
+        least = kv.min_pages * pool.page_size
+        message = f"kv_bytes: {kv_bytes} is below the least {model.name}'s KV cache holds: "
+        message += f"{least} bytes"
+    return errors.beyond_model_limit(message, "kv_limit_too_small", param="kv_bytes")
 
 
 @router.get("/admin/memory")
