@@ -127,7 +127,9 @@ class DeviceWorker:
         # priority, or for an equal one when they hold more than a fair share of the KV.
         self._acting: str | None = None
         self._acting_priority = 0
-        self._protected: set[str] = set()  # woken this step: not to be slept before it runs
+        # Not to be slept or preempted: scheduled this round (until its step is done), or
+        # woken with work and not scheduled yet.
+        self._protected: set[str] = set()
 
     # ---- models ------------------------------------------------------------------------
 
@@ -327,17 +329,19 @@ class DeviceWorker:
         return bool(self._pending) or any(not s.idle for s in self.models.values())
 
     def step(self) -> list[tuple[str, RequestOutput]]:
-        """Admit what can be woken, then one engine step for each active model with work.
+        """One engine step for each active model with work, and wakes for sleeping ones.
         Raises `StepError` (with the others' outputs) if an engine's step raised.
 
-        A round has three phases. Schedule every model in turn: all memory moves happen
-        here, with no step in flight (a model scheduled this round is neither preempted
-        nor slept by the models after it, so its batch's blocks stay put). Launch every
-        model's step on its own CUDA stream without waiting. Then wait for each in turn
-        and collect the outputs: co-located models' kernels overlap on the device."""
-        self._protected.clear()
-        self._wake_sleepers_with_work()
-        self._admit_pending()
+        A round has three phases. Memory: schedule every active model in turn, then wake
+        the sleeping models with work (and hand waiting requests to models now awake);
+        all memory moves happen here, with no step in flight. A model scheduled this
+        round is neither preempted nor slept by the models after it (its batch's blocks
+        stay put), and a model woken is not slept before it has been scheduled: active
+        models admit their own queues before a wake may take their memory, and a model
+        just woken gets its turn (else two models could wake and sleep each other
+        without either running). Launch: every model's step on its own CUDA stream,
+        without waiting. Collect: wait for each in turn and take its outputs, so
+        co-located models' kernels overlap on the device."""
         outputs: list[tuple[str, RequestOutput]] = []
         errors: dict[str, Exception] = {}
         names = [n for n, s in self.models.items() if s.state is ModelState.ACTIVE and not s.idle]
@@ -357,6 +361,8 @@ class DeviceWorker:
                     batches[name] = slot.engine.schedule()
                 except Exception as e:  # the other models' outputs must not be lost with it
                     errors[name] = e
+        self._wake_sleepers_with_work()
+        self._admit_pending()
         in_flight: dict[str, StepInFlight | None] = {}
         for name, batch in batches.items():
             slot = self.models[name]
@@ -384,7 +390,13 @@ class DeviceWorker:
                 outputs.append((name, out))
             slot.last_used = time.monotonic()
         self.pool.refill_reserves()  # while the GPU would be busy: keep reserves mapped
-        self._protected.clear()  # the round is over: between steps, idle models may be slept
+        # The round is over: protected now are only the models woken with work that have
+        # not been scheduled yet (woken in this round's memory phase, or since).
+        self._protected = {
+            n for n in self._protected
+            if n not in batches and n in self.models and not self.models[n].idle
+            and self.models[n].state is ModelState.ACTIVE
+        }  # fmt: skip
         if errors:
             raise StepError(errors, outputs)
         return outputs
