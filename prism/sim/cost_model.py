@@ -1,17 +1,22 @@
 """Step times of a simulated GPU: decode, prefill, and waking a model.
 
-Each time is a physical floor times a factor measured on real hardware:
+Each time is a physical floor times a factor measured on real hardware, plus host work:
 
-- decode step  = max(bytes read / HBM bandwidth, FLOPs / matmul rate) × decode_overhead,
-  bytes = weights + the batch's KV cache;
-- prefill      = FLOPs / (matmul rate × efficiency(tokens)), never below the decode time
-  of the same step (a short prompt is bound by reading the weights, like a decode);
+- decode step  = roofline(bytes read / HBM bandwidth, FLOPs / matmul rate) × decode_overhead
+  + step_fixed_s + seq_fixed_s × batch, bytes = weights + the batch's KV cache; the
+  roofline is the larger of the two times (a GPU overlaps them) or, where measurements
+  say so (a CPU core), their sum;
+- prefill      = FLOPs / (matmul rate × efficiency(tokens)) + the same host work, never
+  below the decode time of the same step (a short prompt is bound by reading the weights);
 - a mixed step (prefill chunk + running decodes, as the engine runs them) = the larger
   of its memory time and its compute time;
 - wake         = weight bytes / host→device bandwidth × wake_overhead + wake_fixed_s.
 
 `Calibration.from_results` reads the factors from the H200 benchmark files under
-`benchmarks/results/`; without them the defaults below are those same measurements.
+`benchmarks/results/` (no host-work terms: the 8B decode fit there has an intercept of
+~0); without them the defaults below are those same measurements. `Calibration.fit`
+fits every factor to steps and wakes timed on any device (several models at once), as
+`benchmarks/validate_sim.py` does on the device it compares against.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from __future__ import annotations
 import json
 import math
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from prism.models.config import ModelConfig
 from prism.models.presets import PRESETS
@@ -117,6 +125,11 @@ class Calibration:
     wake_overhead: float = 1.001
     wake_fixed_s: float = 0.0059  # its intercept: per-wake work that does not scale with bytes
     unmap_s_per_gib: float = 0.0131  # sleep: unmapping 1 GiB of pages (bench_memory shrink)
+    # Host work of an engine step, whatever the model (scheduling, inputs, sampling), and
+    # per sequence in it; 0 for the H200 results (one model: the 8B fit's intercept is ~0).
+    step_fixed_s: float = 0.0
+    seq_fixed_s: float = 0.0
+    roofline: str = "max"  # decode memory and compute time: "max" (overlapped) or "sum"
     source: str = "defaults (H200 runs of commits 85d4f27, dee4692, 8a508d1)"
     _tokens: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
@@ -171,6 +184,70 @@ class Calibration:
             return cls()
         return cls(**found, source=", ".join(sources))
 
+    @classmethod
+    def fit(
+        cls,
+        gpu: GPUSpec,
+        decode: Sequence[tuple[ModelShape, int, int, float]],
+        prefill: Sequence[tuple[ModelShape, int, float]],
+        wake: Sequence[tuple[ModelShape, float]],
+        sleep: Sequence[tuple[int, float]],
+        source: str,
+    ) -> Calibration:
+        """Factors fitted to measurements on `gpu` (whose ceilings make the floors):
+        decode steps (shape, batch, KV tokens, seconds) → roofline, overhead and host work
+        (`_fit_decode`); prefill steps (shape, tokens, seconds) → efficiency at each token
+        count, the mean over models once the host work is taken off; wakes (shape,
+        seconds) → copy overhead and fixed time, a line as in `from_results`; sleeps
+        (bytes unmapped, seconds) → seconds per GiB."""
+        roofline, overhead, fixed, per_seq = _fit_decode(gpu, decode)
+        efficiency: dict[int, list[float]] = {}
+        for shape, tokens, seconds in prefill:
+            compute_s = CostModel(gpu).prefill_flops(shape, tokens) / gpu.flops_per_s
+            # host work never takes more than 90% of a step (a noisy fit could say so)
+            work_s = max(seconds - fixed - per_seq, 0.1 * seconds)
+            efficiency.setdefault(tokens, []).append(compute_s / work_s)
+        points = tuple((t, sum(e) / len(e)) for t, e in sorted(efficiency.items()))
+        wake_overhead, wake_fixed = _line_fit(
+            [(shape.weight_bytes / gpu.h2d_bytes_per_s, t) for shape, t in wake]
+        )
+        unmapped = sum(b for b, _ in sleep)
+        return cls(
+            decode_overhead=overhead,
+            prefill_points=points,
+            wake_overhead=wake_overhead,
+            wake_fixed_s=wake_fixed,
+            unmap_s_per_gib=sum(t for _, t in sleep) / (unmapped / GiB) if unmapped else 0.0,
+            step_fixed_s=fixed,
+            seq_fixed_s=per_seq,
+            roofline=roofline,
+            source=source,
+        )
+
+
+def _fit_decode(
+    gpu: GPUSpec, decode: Sequence[tuple[ModelShape, int, int, float]]
+) -> tuple[str, float, float, float]:
+    """(roofline, overhead, step_fixed_s, seq_fixed_s) of decode = overhead × floor +
+    step_fixed_s + seq_fixed_s × batch: least squares on the relative error, for either
+    roofline and with or without each host-work term; the closest fit with no negative
+    term wins."""
+    measured = np.array([t for *_, t in decode])
+    batch = np.array([b for _, b, _, _ in decode], dtype=float)
+    best: tuple[float, str, dict[int, float]] | None = None
+    for roofline in ("max", "sum"):
+        floors = CostModel(gpu, Calibration(decode_overhead=1.0, roofline=roofline))
+        floor = np.array([floors.decode_s(s, b, kv) for s, b, kv, _ in decode])
+        columns = np.stack([floor, np.ones_like(floor), batch], axis=1) / measured[:, None]
+        for keep in ([0], [0, 1], [0, 2], [0, 1, 2]):
+            coef = np.linalg.lstsq(columns[:, keep], np.ones(len(decode)), rcond=None)[0]
+            error = float(np.sum((columns[:, keep] @ coef - 1.0) ** 2))
+            if (coef >= 0).all() and (best is None or error < best[0]):
+                best = (error, roofline, dict(zip(keep, coef.tolist(), strict=True)))
+    assert best is not None, "no decode samples"
+    _, roofline, terms = best
+    return roofline, terms[0], terms.get(1, 0.0), terms.get(2, 0.0)
+
 
 def _line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares slope and intercept of y over x."""
@@ -223,7 +300,9 @@ class CostModel:
             shape.weight_bytes + kv_tokens * shape.kv_bytes_per_token
         ) / self.gpu.hbm_bytes_per_s
         compute = 2.0 * shape.matmul_params * batch / self.gpu.flops_per_s
-        return max(memory, compute) * self.calibration.decode_overhead
+        c = self.calibration
+        floor = memory + compute if c.roofline == "sum" else max(memory, compute)
+        return floor * c.decode_overhead + c.step_fixed_s + c.seq_fixed_s * batch
 
     def prefill_flops(self, shape: ModelShape, tokens: int, offset: int = 0) -> float:
         """Matmuls plus causal attention of a chunk of `tokens` after `offset` cached ones."""
@@ -243,15 +322,19 @@ class CostModel:
         kv_tokens: int,
         prefill_tokens: int,
         prefill_flops: float,
+        prefill_seqs: int = 1,
     ) -> float:
-        """A mixed step: `batch` decodes over `kv_tokens` of KV plus a prefill chunk of
-        `prefill_tokens` tokens costing `prefill_flops` (see `prefill_flops`)."""
+        """A mixed step: `batch` decodes over `kv_tokens` of KV plus prefill chunks of
+        `prefill_seqs` prompts, `prefill_tokens` tokens in all, costing `prefill_flops`
+        (see `prefill_flops`)."""
         decode = self.decode_s(shape, max(batch, 1), kv_tokens)
         if prefill_tokens <= 0:
             return decode if batch > 0 else 0.0
-        efficiency = self.calibration.prefill_efficiency(prefill_tokens)
+        c = self.calibration
         flops = prefill_flops + 2.0 * shape.matmul_params * batch
-        return max(decode, flops / (self.gpu.flops_per_s * efficiency))
+        compute = flops / (self.gpu.flops_per_s * c.prefill_efficiency(prefill_tokens))
+        host = c.step_fixed_s + c.seq_fixed_s * (batch + prefill_seqs)
+        return max(decode, compute + host)
 
     def wake_s(self, shape: ModelShape) -> float:
         """Map the weights' pages and copy them from pinned host memory."""

@@ -10,9 +10,9 @@ the loop for its duration, as `ModelSlot.wake` does; sleeps charge their unmappi
 time to the next task.
 
 Memory modes: `elastic` (prism: one pool, pressure hooks sleep idle models and preempt
-lower-priority work), `quota` (static/spatial: every model resident with a fixed KV
-limit, never sleeps), `swap` (one resident model at a time; the resident one drains
-before the next is woken).
+work of lower priority, or of an equal beyond its fair share), `quota` (static/spatial:
+every model resident with a fixed KV limit, never sleeps), `swap` (one resident model at
+a time; the resident one drains before the next is woken).
 """
 
 from __future__ import annotations
@@ -75,7 +75,10 @@ class SimGPU:
         self.stall_s = 0.0  # loop time owed (sleeps) by the next task
         self.busy_s = 0.0  # time spent in steps and wakes
         self._acting: Instance | None = None  # on whose behalf memory is taken now
-        self._protected: set[Instance] = set()  # woken or stepping: not to be slept
+        self._protected: set[Instance] = set()  # stepping in this task: not to be slept
+        # Woken since the last admission: not to be slept before it had a chance to admit
+        # (the worker protects a model for the step that woke it).
+        self._woken: set[Instance] = set()
         self.now = 0.0  # the simulator's clock, as of the last call into this GPU
         self.wakes_by_model: Counter[int] = Counter()
         self.sleeps_by_model: Counter[int] = Counter()
@@ -117,10 +120,14 @@ class SimGPU:
         return True
 
     def sleep(self, instance: Instance) -> int:
+        """Unmap an instance with nothing running; one with requests still queued is
+        queued to wake again (as the worker wakes such sleepers at its next step)."""
         pages = instance.sleep()
         if pages:
             self.stall_s += self.cost.sleep_s(pages * self.config.page_size)
             self.sleeps_by_model[instance.model.index] += 1
+        if instance.waiting:
+            self.request_wake(instance)
         return pages
 
     @property
@@ -131,11 +138,13 @@ class SimGPU:
     # ---- pressure hooks (elastic mode): as DeviceWorker's ------------------------------
 
     def _can_sleep(self, instance: Instance) -> bool:
+        """Active, nothing running (queued requests do not keep it awake, as in the
+        worker), and neither stepping, just woken, nor the one taking memory."""
         return (
             instance.state is State.ACTIVE
             and not instance.holds_kv
-            and not instance.waiting
             and instance not in self._protected
+            and instance not in self._woken
             and instance is not self._acting
         )
 
@@ -143,16 +152,40 @@ class SimGPU:
         return self.sleep(instance) if self._can_sleep(instance) else 0
 
     def _relieve(self, instance: Instance, pages: int) -> int:
-        """Live KV wanted: an idle model sleeps; a busy one preempts requests, only for a
-        model of higher priority (equals preempting each other would recompute forever)."""
+        """Live KV wanted: an idle model sleeps; a busy one not stepping this round
+        preempts requests for a model of higher priority, or — between equals — only what
+        it holds beyond its fair share, and only for a model below its own (as
+        `DeviceWorker._relieve`: equals preempting each other freely would recompute
+        forever; a model kept from the memory it lent out would wait on the other's
+        whole backlog)."""
         if instance.state is not State.ACTIVE:
             return 0
         if self._can_sleep(instance):
             return self.sleep(instance)
-        acting = self._acting.model.priority if self._acting else 0
-        if instance.model.priority >= acting or not instance.holds_kv:
+        if not instance.holds_kv or instance in self._protected:
             return 0
-        return instance.release_for_pressure(pages)
+        acting = self._acting
+        priority = acting.model.priority if acting else 0
+        if instance.model.priority < priority:
+            return instance.release_for_pressure(pages)
+        if instance.model.priority > priority or acting is None:
+            return 0
+        share = self._fair_kv_share()
+        excess = instance.kv.mapped_pages - share
+        if acting.kv.mapped_pages >= share or excess <= 0:
+            return 0
+        return instance.release_for_pressure(min(pages, excess))
+
+    def _fair_kv_share(self) -> int:
+        """KV pages per model with work (running, queued or waiting to wake; the one taking
+        memory now included): the budget less their weights, split evenly."""
+        busy = [
+            i
+            for i in self.instances.values()
+            if i.has_work or i is self._acting or i in self.wake_queue
+        ]
+        weights = sum(i.weights.num_pages for i in busy)
+        return max(0, self.pool.budget_pages - weights) // max(1, len(busy))
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -164,7 +197,8 @@ class SimGPU:
         self._protected.clear()
         if self.config.mode == SWAP:
             self._admit(now)  # the resident model takes what came before the next swap
-        task = self._start_wake(now) or self._start_steps(now)
+        # a model slept by the steps' admissions with requests queued is woken right away
+        task = self._start_wake(now) or self._start_steps(now) or self._start_wake(now)
         if task is not None:
             task.end += self.stall_s
             self.stall_s = 0.0
@@ -223,7 +257,7 @@ class SimGPU:
         if not ok:
             return None
         self.wake_queue.popleft()
-        self._protected.add(instance)
+        self._woken.add(instance)
         return Task("wake", now, now + self.cost.wake_s(instance.model.shape), waking=instance)
 
     def _swap_out(self, incoming: Instance) -> bool:
@@ -254,9 +288,9 @@ class SimGPU:
             return
         blocked: set[int] = set()
         for request in self.order(self, candidates, now):
-            if request.model in blocked:
-                continue
             instance = self.instances[request.model]
+            if request.model in blocked or instance.state is not State.ACTIVE:
+                continue  # no memory for it, or slept for an earlier model's admission
             self._acting = instance
             if not instance.admit(request, self.config.max_num_seqs):
                 blocked.add(request.model)
@@ -264,7 +298,13 @@ class SimGPU:
 
     def _start_steps(self, now: float) -> Task | None:
         self._admit(now)
-        busy = [i for i in self.instances.values() if i.state is State.ACTIVE and i.holds_kv]
+        self._woken.clear()
+        busy = self._busy()
+        if not busy:
+            # An admission preempted or slept the others and still failed: what it freed
+            # goes to the next in line, as at the worker's next step.
+            self._admit(now)
+            busy = self._busy()
         if not busy:
             return None
         self._protected.update(busy)
@@ -275,6 +315,9 @@ class SimGPU:
             seconds = sum(p.seconds for p in plans)
             return Task("step", now, now + seconds, 1, seconds, plans)
         return self._start_segment(busy, now)
+
+    def _busy(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.state is State.ACTIVE and i.holds_kv]
 
     def _start_segment(self, busy: list[Instance], now: float) -> Task | None:
         rounds = min(min(i.decode_rounds_possible() for i in busy), self.config.max_rounds)

@@ -186,7 +186,7 @@ class Instance:
             flops += cost.prefill_flops(shape, n, request.kv_tokens)
             tokens += n
             budget -= n
-        seconds = cost.step_s(shape, batch, kv_tokens, tokens, flops)
+        seconds = cost.step_s(shape, batch, kv_tokens, tokens, flops, len(chunks))
         return StepPlan(self, seconds, chunks)
 
     def finish_step(self, plan: StepPlan, now: float) -> list[SimRequest]:

@@ -118,16 +118,7 @@ class SimResult:
         `ttft_slo` and `tpot_slo` are per model ([num_models] seconds). With `after_s`,
         only requests arriving from then on count (a warm-up left out)."""
         kept = self.arrival >= after_s
-        if not kept.any():
-            return {"ttft": 1.0, "tpot": 1.0, "both": 1.0}
-        model = self.model[kept]
-        ttft_ok = np.nan_to_num(self.ttft[kept], nan=np.inf) <= ttft_slo[model]
-        tpot_ok = np.nan_to_num(self.tpot[kept], nan=np.inf) <= tpot_slo[model]
-        return {
-            "ttft": float(ttft_ok.mean()),
-            "tpot": float(tpot_ok.mean()),
-            "both": float((ttft_ok & tpot_ok).mean()),
-        }
+        return attainment(self.model[kept], self.ttft[kept], self.tpot[kept], ttft_slo, tpot_slo)
 
     def summary(self) -> dict[str, Any]:
         """Counters and latencies; throughput both over the workload's span and over busy
@@ -161,6 +152,28 @@ class SimResult:
         }
 
 
+def attainment(
+    model: np.ndarray,
+    ttft: np.ndarray,
+    tpot: np.ndarray,
+    ttft_slo: np.ndarray,
+    tpot_slo: np.ndarray,
+) -> dict[str, float]:
+    """Fractions of requests meeting their model's TTFT SLO, TPOT SLO, and both. Per
+    request [R]: model, TTFT (nan: no first token), TPOT (nan: unfinished; 0 for a
+    one-token output); per model [M]: the SLOs. Used for live runs too, so that both
+    sides of a comparison count alike."""
+    if len(model) == 0:
+        return {"ttft": 1.0, "tpot": 1.0, "both": 1.0}
+    ttft_ok = np.nan_to_num(ttft, nan=np.inf) <= ttft_slo[model]
+    tpot_ok = np.nan_to_num(tpot, nan=np.inf) <= tpot_slo[model]
+    return {
+        "ttft": float(ttft_ok.mean()),
+        "tpot": float(tpot_ok.mean()),
+        "both": float((ttft_ok & tpot_ok).mean()),
+    }
+
+
 def _pct(values: np.ndarray, q: float) -> float | None:
     ok = values[~np.isnan(values)]
     return float(np.percentile(ok, q)) if len(ok) else None
@@ -169,19 +182,34 @@ def _pct(values: np.ndarray, q: float) -> float | None:
 def solo_p95(result: SimResult) -> tuple[np.ndarray, np.ndarray]:
     """Per-model p95 TTFT and TPOT of a run where each model had a GPU to itself.
     Models without requests get the median of the others."""
-    ttft = np.full(result.num_models, np.nan)
-    tpot = np.full(result.num_models, np.nan)
-    for m in range(result.num_models):
-        mine = result.model == m
-        t = result.ttft[mine]
+    return p95_by_model(
+        result.num_models, result.model, result.ttft, result.tpot, result.output_tokens
+    )
+
+
+def p95_by_model(
+    num_models: int,
+    model: np.ndarray,
+    ttft: np.ndarray,
+    tpot: np.ndarray,
+    output_tokens: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """p95 TTFT and TPOT [num_models] of per-request latencies [R] (as `attainment` takes
+    them; TPOT of one-token outputs left out). Models without requests get the median of
+    the others."""
+    p95_ttft = np.full(num_models, np.nan)
+    p95_tpot = np.full(num_models, np.nan)
+    for m in range(num_models):
+        mine = model == m
+        t = ttft[mine]
         t = t[~np.isnan(t)]
-        p = result.tpot[mine]
-        p = p[~np.isnan(p) & (result.output_tokens[mine] > 1)]
+        p = tpot[mine]
+        p = p[~np.isnan(p) & (output_tokens[mine] > 1)]
         if len(t):
-            ttft[m] = np.percentile(t, 95)
+            p95_ttft[m] = np.percentile(t, 95)
         if len(p):
-            tpot[m] = np.percentile(p, 95)
-    for arr in (ttft, tpot):
+            p95_tpot[m] = np.percentile(p, 95)
+    for arr in (p95_ttft, p95_tpot):
         fill = np.nanmedian(arr) if np.any(~np.isnan(arr)) else 1.0
         arr[np.isnan(arr)] = fill
-    return ttft, tpot
+    return p95_ttft, p95_tpot

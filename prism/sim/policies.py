@@ -16,6 +16,10 @@ GPU admits requests, and when a model sleeps.
   hooks, and idle eviction: every model idle past the threshold sleeps (a timer).
 - `prism-no-tau` (ablation, not in the default set): `KVPressurePlacement` as is,
   stateless, so every re-placement may move any model.
+- `prism-worker` (not in the default set): one `DeviceWorker` as it runs on its own,
+  with no controller — elastic memory and its pressure hooks, each engine first come
+  first served, no idle timer (a model sleeps only when memory is wanted). What
+  `benchmarks/validate_sim.py` compares the live worker with.
 - `prism+`: `ComputeAwarePlacement` (compute term, hysteresis, a cap of one move per GPU
   per minute, residence time) re-run every 10 s, and `EvictionPolicy`'s score: idle
   models sleep only under memory pressure, cheapest expected wake stall first.
@@ -27,6 +31,7 @@ is a baseline's fixed plan or a class of `prism.serving.policies`, used unchange
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -180,9 +185,14 @@ class PrismPolicy(Policy):
     scheduler = LocalScheduler
 
     def __init__(
-        self, name: str, placement: Callable[[int], PlacementPolicy], config: PrismConfig
+        self,
+        name: str,
+        placement: Callable[[int], PlacementPolicy],
+        config: PrismConfig,
+        scheduler: type[LocalScheduler] = LocalScheduler,
     ) -> None:
         self.name = name
+        self.scheduler = scheduler
         self.make_placement = placement  # number of GPUs -> the placement policy
         self.placement: PlacementPolicy | None = None
         self.config = config
@@ -268,6 +278,11 @@ def _prism_no_tau() -> Policy:
     return PrismPolicy("prism-no-tau", lambda gpus: KVPressurePlacement(), PrismConfig())
 
 
+def _prism_worker() -> Policy:
+    no_timer = PrismConfig(idle_threshold_s=math.inf)
+    return PrismPolicy("prism-worker", lambda gpus: KVPressurePlacement(), no_timer, FIFOOrder)
+
+
 def _prism_plus_placement(gpus: int) -> PlacementPolicy:
     """ComputeAwarePlacement with its move cap scaled to the cluster: one move per GPU
     per window (at least the default 2). A cluster-wide 2 per minute moved the neighbours
@@ -290,7 +305,8 @@ POLICIES = {
     "prism": _prism,
     "prism+": _prism_plus,
 }
-ABLATIONS = {"prism-no-tau": _prism_no_tau}  # accepted by name, not run by default
+# accepted by name, not run by default
+ABLATIONS = {"prism-no-tau": _prism_no_tau, "prism-worker": _prism_worker}
 KNOWN = {**POLICIES, **ABLATIONS}
 
 

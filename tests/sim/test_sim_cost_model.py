@@ -8,7 +8,7 @@ import pytest
 from sim_helpers import RESULTS
 
 from prism.models.presets import PRESETS
-from prism.sim.cost_model import SHAPES, Calibration, CostModel, ModelShape
+from prism.sim.cost_model import SHAPES, Calibration, CostModel, GiB, ModelShape
 
 
 def _load(name: str) -> dict:
@@ -80,3 +80,31 @@ def test_from_config_of_custom_shape() -> None:
     config = PRESETS["qwen3-1.7b"]
     shape = ModelShape.from_config("q", config, dtype_bytes=1)
     assert shape.kv_bytes_per_token == 2 * config.num_layers * config.kv_size
+
+
+@pytest.mark.parametrize("roofline", ["max", "sum"])
+def test_fit_recovers_the_factors_steps_were_made_with(roofline: str) -> None:
+    """Steps and wakes computed from known factors (several models, batches, prompt
+    lengths long enough to be compute-bound) are fitted back to those factors: roofline,
+    overhead, host work, prefill efficiency, wake line, unmap rate."""
+    true = Calibration(
+        decode_overhead=2.0, prefill_points=((512, 0.6), (2048, 0.8)), wake_overhead=1.5,
+        wake_fixed_s=0.004, unmap_s_per_gib=0.02, step_fixed_s=0.001, seq_fixed_s=1e-4,
+        roofline=roofline,
+    )  # fmt: skip
+    cost = CostModel(calibration=true)
+    shapes = [SHAPES[n] for n in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")]
+    decode = [(s, b, b * 600, cost.decode_s(s, b, b * 600)) for s in shapes for b in (1, 8, 64)]
+    prefill = [(s, t, cost.prefill_s(s, t)) for s in shapes for t in (512, 2048)]
+    wake = [(s, cost.wake_s(s)) for s in shapes]
+    fitted = Calibration.fit(cost.gpu, decode, prefill, wake, [(GiB, 0.02)], "synthetic")
+    assert fitted.roofline == roofline
+    assert fitted.decode_overhead == pytest.approx(2.0, rel=1e-6)
+    assert fitted.step_fixed_s == pytest.approx(0.001, rel=1e-4)
+    assert fitted.seq_fixed_s == pytest.approx(1e-4, rel=1e-3)
+    for (t0, e0), (t1, e1) in zip(true.prefill_points, fitted.prefill_points, strict=True):
+        assert t0 == t1 and e1 == pytest.approx(e0, rel=1e-6)
+    assert fitted.wake_overhead == pytest.approx(1.5) and fitted.wake_fixed_s == pytest.approx(
+        0.004
+    )
+    assert fitted.unmap_s_per_gib == pytest.approx(0.02)

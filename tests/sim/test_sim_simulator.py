@@ -19,7 +19,7 @@ from prism.sim.metrics import SimResult
 from prism.sim.policies import POLICIES, make_policy
 from prism.sim.request import SimModel
 from prism.sim.simulator import SimConfig, Simulator
-from prism.sim.workloads import Workload, bursty_groups
+from prism.sim.workloads import RequestSpec, Workload, bursty_groups
 
 
 def run(
@@ -215,3 +215,21 @@ def test_prism_plus_splits_the_compute_heavy_pair(h200: GPUConfig, cost: CostMod
         homes[policy] = sim.homes
     assert homes["prism"][1] == homes["prism"][2]
     assert homes["prism+"][1] != homes["prism+"][2]
+
+
+def test_an_equal_below_its_share_takes_the_excess(cost: CostModel) -> None:
+    """As the worker does between models of equal priority: B, waking for one request
+    while A's long requests hold all the KV memory, takes what A holds beyond its fair
+    share (A's newest requests are preempted and recomputed) instead of waiting for A's
+    whole backlog; everything still finishes."""
+    ms = models("llama-3.2-1b", "llama-3.2-1b")
+    small = GPUConfig(memory_bytes=8 * GiB, headroom_bytes=GiB + GiB // 2)
+    w = Workload(
+        "share", 2, 10.0,
+        [*workload([(0.01 * i, 0) for i in range(40)], 2000, 1500, 2, 10.0).requests,
+         RequestSpec(40, 1, 2.0, 1000, 10)],
+    )  # fmt: skip
+    r, _ = run(w, ms, "prism-worker", 1, small, cost)
+    assert r.finished.all()
+    assert r.preemptions[r.model == 0].sum() > 0
+    assert r.ttft[-1] < 0.5  # waiting for A instead: 1.9 s, until A's first requests end

@@ -1,0 +1,88 @@
+"""`benchmarks/validate_sim.py --smoke`: the plumbing of the live-vs-simulated comparison
+(not the agreement itself: CPU timings are too noisy for a test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sim_helpers import REPO
+
+from prism.sim.metrics import attainment
+
+SCRIPT = REPO / "benchmarks" / "validate_sim.py"
+
+
+def _run(*args: str) -> None:
+    subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, check=True, timeout=300,
+                   capture_output=True)  # fmt: skip
+
+
+def _array(values: list[Any]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values])
+
+
+@pytest.fixture(scope="module")
+def smoke(traces: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("validate") / "smoke.json"
+    _run("--smoke", "--traces", str(traces), "--out", str(out))
+    return json.loads(out.read_text()), out
+
+
+@pytest.mark.slow
+def test_both_sides_ran_the_same_requests_to_the_end(smoke: tuple[dict[str, Any], Path]) -> None:
+    """Same requests (model and arrival, in order) live and simulated; every one finished."""
+    results, _ = smoke
+    assert results["runs"]
+    for run in results["runs"]:
+        live, sim = run["latencies"]["live"], run["latencies"]["sim"]
+        assert len(live["model"]) == len(sim["model"]) == run["requests"] > 0
+        assert live["model"] == sim["model"] and live["output"] == sim["output"]
+        assert np.allclose(live["arrival"], sim["arrival"])
+        assert run["live"]["finished"] == run["requests"]
+        assert run["sim"]["prism-worker/measured"]["finished"] == run["requests"]
+        assert not np.isnan(_array(live["tpot"])).any() and not np.isnan(_array(sim["tpot"])).any()
+
+
+@pytest.mark.slow
+def test_attainment_comes_from_the_same_slos(smoke: tuple[dict[str, Any], Path]) -> None:
+    """Both sides' attainment is recomputed exactly from the per-request latencies and
+    one set of SLOs: scale × each model's live solo p95."""
+    results, _ = smoke
+    base_ttft = np.array(results["solo"]["ttft_p95_s"])
+    base_tpot = np.array(results["solo"]["tpot_p95_s"])
+    assert (base_ttft > 0).all() and (base_tpot > 0).all()
+    for run in results["runs"]:
+        for scale in results["slo_scales"]:
+            cell = run["attainment"][str(scale)]
+            for side, label in (("live", "live"), ("sim", "prism-worker/measured")):
+                lat = run["latencies"][side]
+                got = attainment(
+                    np.array(lat["model"]), _array(lat["ttft"]), _array(lat["tpot"]),
+                    base_ttft * scale, base_tpot * scale,
+                )  # fmt: skip
+                assert got == cell[label]
+
+
+@pytest.mark.slow
+def test_calibration_was_fitted_and_resimulation_repeats_it(
+    smoke: tuple[dict[str, Any], Path], traces: Path, tmp_path: Path
+) -> None:
+    """The cost model was fitted to steps measured in the run, and `--resim` (the simulated
+    side again, from the recorded live runs) gives the same figures: the sim is
+    deterministic."""
+    results, path = smoke
+    factors = results["calibration"]["factors"]
+    assert factors["decode_overhead"] > 0 and factors["prefill_points"]
+    kinds = {row["kind"] for row in results["calibration"]["fit"]}
+    assert kinds == {"decode", "prefill", "wake"}
+    again = tmp_path / "again.json"
+    _run("--resim", str(path), "--traces", str(traces), "--out", str(again))
+    redone = json.loads(again.read_text())
+    for old, new in zip(results["runs"], redone["runs"], strict=True):
+        assert old["attainment"] == new["attainment"]
