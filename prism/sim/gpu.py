@@ -79,6 +79,7 @@ class SimGPU:
         # Woken since the last admission: not to be slept before it had a chance to admit
         # (the worker protects a model for the step that woke it).
         self._woken: set[Instance] = set()
+        self._rewake: set[Instance] = set()  # slept with requests queued: to wake again
         self.now = 0.0  # the simulator's clock, as of the last call into this GPU
         self.wakes_by_model: Counter[int] = Counter()
         self.sleeps_by_model: Counter[int] = Counter()
@@ -128,6 +129,7 @@ class SimGPU:
             self.sleeps_by_model[instance.model.index] += 1
         if instance.waiting:
             self.request_wake(instance)
+            self._rewake.add(instance)
         return pages
 
     @property
@@ -251,11 +253,21 @@ class SimGPU:
         instance = self.wake_queue[0]
         if self.config.mode == SWAP and not self._swap_out(instance):
             return None
+        # A model slept with requests queued wakes, as in the worker, after the round's
+        # active models have scheduled: those with running requests keep their KV, and the
+        # wake takes free memory, idle models and empty page groups. (A wake for a new
+        # arrival, the worker's at `submit`, may take an equal's excess over its share.)
+        running = {i for i in self.instances.values() if i.holds_kv}
+        if instance not in self._rewake:
+            running.clear()
+        self._protected |= running
         self._acting = instance
         ok = instance.take_memory()
         self._acting = None
+        self._protected -= running
         if not ok:
             return None
+        self._rewake.discard(instance)
         self.wake_queue.popleft()
         self._woken.add(instance)
         return Task("wake", now, now + self.cost.wake_s(instance.model.shape), waking=instance)
