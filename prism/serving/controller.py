@@ -49,6 +49,8 @@ from prism.engine.output import RequestOutput
 from prism.engine.sampling_params import SamplingParams
 from prism.serving.async_worker import WorkerSnapshot
 from prism.serving.fleet import (
+    DEFAULT_CPU_BUDGET,
+    GPU_BUDGET_FRACTION,
     ControllerConfig,
     FleetConfig,
     FleetConfigError,
@@ -77,9 +79,6 @@ from prism.serving.worker_client import WorkerClient
 from prism.serving.worker_process import ProcessWorker
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_BUDGET = 4 << 30
-GPU_BUDGET_FRACTION = 0.9  # of a GPU's free memory, measured by its worker
 
 
 class WorkerFactory(Protocol):
@@ -320,13 +319,7 @@ class Controller:
         budget = self.fleet.budget_bytes
         if budget is None and device == "cpu":
             budget = DEFAULT_CPU_BUDGET
-        config = WorkerConfig(
-            device=device,
-            budget_bytes=budget or 0,
-            mode=self.fleet.mode,
-            max_inflight=self.fleet.controller.max_inflight,
-            host_budget_bytes=self.fleet.host_budget_bytes,
-        )
+        config = self.fleet.worker_config(device, budget or 0)
         return config, (GPU_BUDGET_FRACTION if budget is None else None)
 
     def _make_client(

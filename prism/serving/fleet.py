@@ -43,6 +43,8 @@ from prism.serving.worker import DeviceWorker, WorkerConfig, WorkerMode
 from prism.serving.worker_client import free_device_memory
 
 DEFAULT_SLO = SLO(ttft_s=1.0, tpot_s=0.1)
+DEFAULT_CPU_BUDGET = 4 << 30  # a device's budget when the file gives none
+GPU_BUDGET_FRACTION = 0.9  # of a GPU's free memory, measured by its worker
 PRIORITIES = {"low": -1, "normal": 0, "high": 1}
 DEFAULT_SOURCE = "default"  # the embedded SmolLM2-135M-Instruct
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
@@ -128,6 +130,16 @@ class FleetConfig:
                 f"unknown model {name!r}; in {self.path}: {[m.name for m in self.models]}"
             )
         return found
+
+    def worker_config(self, device: str, budget_bytes: int) -> WorkerConfig:
+        """The worker of one of its devices (`device` as torch names it)."""
+        return WorkerConfig(
+            device=device,
+            budget_bytes=budget_bytes,
+            mode=self.mode,
+            max_inflight=self.controller.max_inflight,
+            host_budget_bytes=self.host_budget_bytes,
+        )
 
     def device_ids(self) -> tuple[str, ...]:
         """The devices, with `auto` resolved: every CUDA device, else one CPU worker."""
@@ -426,15 +438,12 @@ def in_process_worker(fleet: FleetConfig, *, preload: bool = False) -> AsyncWork
     device = torch_device(devices[0])
     budget = fleet.budget_bytes
     if budget is None:
-        budget = 4 << 30 if device == "cpu" else int(free_device_memory(device) * 0.9)
-    config = WorkerConfig(
-        device=device,
-        budget_bytes=budget,
-        mode=fleet.mode,
-        max_inflight=fleet.controller.max_inflight,
-        host_budget_bytes=fleet.host_budget_bytes,
-    )
-    worker = DeviceWorker(config)
+        budget = (
+            DEFAULT_CPU_BUDGET
+            if device == "cpu"
+            else int(free_device_memory(device) * GPU_BUDGET_FRACTION)
+        )
+    worker = DeviceWorker(fleet.worker_config(device, budget))
     try:
         for i in range(len(fleet.models)):
             worker.add_model(describe_model(fleet, i, default_dtype(devices[0])).spec)
