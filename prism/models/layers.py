@@ -11,20 +11,24 @@ from prism.models import triton_ops
 from prism.models.config import RopeScaling
 
 
+def _triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton_ops.AVAILABLE
+
+
 def _fused(x: torch.Tensor) -> bool:
     """Use the Triton kernels for contiguous CUDA tensors."""
-    return x.is_cuda and triton_ops.AVAILABLE and x.is_contiguous()
+    return _triton(x) and x.is_contiguous()
 
 
 def _rows_dense(x: torch.Tensor) -> bool:
     """A CUDA [T, H, D] tensor whose heads and dims are dense (rows may be strided: q, k
     and v as views of one fused projection): what the Triton RoPE kernel indexes."""
-    return x.is_cuda and triton_ops.AVAILABLE and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+    return _triton(x) and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., N], weight: [N]. Statistics in fp32, scaling in x's dtype (as HF does)."""
-    if x.is_cuda and triton_ops.AVAILABLE:  # a strided x (q/k norm of a fused QKV) is copied
+    if _triton(x):  # a strided x (q/k norm of a fused QKV) is copied to rows first
         return triton_ops.add_rms_norm(x, None, weight, eps)[0]
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)

@@ -69,10 +69,10 @@ class ModelSlot:
         self.last_used = time.monotonic()
         self.last_wake_s = 0.0
         self.busy_s = 0.0  # wall time of its engine steps (the worker adds to it)
+        self.output_tokens = 0  # tokens those steps produced
         # Its own CUDA stream: co-located models' steps are queued before any is waited for.
         cuda = self.device.startswith("cuda")
         self.stream = torch.cuda.Stream(device=self.device) if cuda else None
-        self.output_tokens = 0  # tokens those steps produced
 
     def load_host(self) -> None:
         """Read the checkpoint into the host copy: one flat buffer laid out as the weight

@@ -257,9 +257,8 @@ class SimGPU:
         # active models have scheduled: those with running requests keep their KV, and the
         # wake takes free memory, idle models and empty page groups. (A wake for a new
         # arrival, the worker's at `submit`, may take an equal's excess over its share.)
-        running = {i for i in self.instances.values() if i.holds_kv}
-        if instance not in self._rewake:
-            running.clear()
+        rewake = instance in self._rewake
+        running = {i for i in self.instances.values() if rewake and i.holds_kv}
         self._protected |= running
         self._acting = instance
         ok = instance.take_memory()
