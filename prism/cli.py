@@ -407,7 +407,7 @@ def _add_serve_parser(sub: Any, environ: Mapping[str, str]) -> None:
         type=parse_size,
         default=DEFAULT_MAX_BODY_BYTES,
         metavar="SIZE",
-        help="larger request bodies get 413 (default: 8MiB)",
+        help=f"larger request bodies get 413 (default: {format_size(DEFAULT_MAX_BODY_BYTES)})",
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
