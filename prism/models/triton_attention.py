@@ -6,7 +6,9 @@ sequence's blocks through its block table with an online softmax, and reads each
 element once. Everything it needs comes from tensors (seq_lens, block_tables), so a
 decode step is CUDA-graph capturable. Prefill uses PyTorch's scaled_dot_product_attention
 per sequence (flash kernels), over K/V gathered from the cache when the sequence has
-earlier context (chunked prefill or a prefix-cache hit).
+earlier context (chunked prefill or a prefix-cache hit). Only the flash and
+memory-efficient backends may run it: cuDNN's builds a plan for every new sequence
+length (0.1-1.8 s each on the H200, measured), and every prompt brings a new length.
 
 K/V of the step are written with index_copy_ (no boolean masks, no host sync); padded
 rows of a captured graph write to slot 0, the reserved padding block.
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from prism.models.attention import AttentionBackend, AttentionMetadata
 
@@ -127,6 +131,10 @@ def paged_decode(
     return out
 
 
+# Sequence-length-agnostic kernels only (see the module's docstring).
+_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
 class TritonAttention(AttentionBackend):
     def forward(
         self,
@@ -167,15 +175,16 @@ class TritonAttention(AttentionBackend):
             out[rows] = paged_decode(
                 q[rows], k_cache, v_cache, meta.block_tables[seqs], meta.seq_lens[seqs], scale
             )
-        for i, (q_len, seq_len) in enumerate(
-            zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)
-        ):
-            if q_len > 1:
-                rows_i = slice(starts[i], starts[i] + q_len)
-                out[rows_i] = self._prefill_one(
-                    q[rows_i], k[rows_i], v[rows_i], k_cache, v_cache,
-                    meta.block_tables[i], seq_len, meta.block_size, scale,
-                )  # fmt: skip
+        with sdpa_kernel(_PREFILL_BACKENDS):
+            for i, (q_len, seq_len) in enumerate(
+                zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)
+            ):
+                if q_len > 1:
+                    rows_i = slice(starts[i], starts[i] + q_len)
+                    out[rows_i] = self._prefill_one(
+                        q[rows_i], k[rows_i], v[rows_i], k_cache, v_cache,
+                        meta.block_tables[i], seq_len, meta.block_size, scale,
+                    )  # fmt: skip
         return out
 
     @staticmethod
@@ -200,9 +209,9 @@ class TritonAttention(AttentionBackend):
             blocks = table[: -(-seq_len // bs)].long()
             ks = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, S, D]
             vs = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-            causal = False
+            # Causal with the chunk's queries at the end of the context: no mask tensor,
+            # so the flash/memory-efficient kernels still apply.
+            mask, causal = causal_lower_right(q_len, seq_len), False
         group = qs.shape[0] // ks.shape[0]
         if group > 1:  # the flash kernel wants one K/V head per query head
             ks = ks.repeat_interleave(group, dim=0)
