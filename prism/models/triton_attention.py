@@ -1,27 +1,31 @@
-"""CUDA attention backend: a Triton paged-decode kernel, SDPA for prefill.
+"""CUDA attention backend: Triton kernels that read K/V through the block tables.
 
 Decode (every sequence has one query token) runs one Triton program per (sequence,
 KV head): the program holds the group of query heads that share that KV head, walks the
 sequence's blocks through its block table with an online softmax, and reads each K/V
 element once. Everything it needs comes from tensors (seq_lens, block_tables), so a
-decode step is CUDA-graph capturable. Prefill uses PyTorch's scaled_dot_product_attention
-per sequence (flash kernels), over K/V gathered from the cache when the sequence has
-earlier context (chunked prefill or a prefix-cache hit). Only the flash and
-memory-efficient backends may run it: cuDNN's builds a plan for every new sequence
-length (0.1-1.8 s each on the H200, measured), and every prompt brings a new length.
+decode step is CUDA-graph capturable.
 
-K/V of the step are written with index_copy_ (no boolean masks, no host sync); padded
-rows of a captured graph write to slot 0, the reserved padding block.
+A step with prefill chunks (mixed with decodes or not) runs one launch per layer for
+every sequence at once: one program per (tile of 64 query tokens of one sequence, query
+head) walks that sequence's blocks up to the tile's last position, causal at the end of
+the context (a chunk's queries are the context's last tokens). No K/V is gathered or
+copied, and nothing depends on the step's lengths but the tile map, so no kernel is
+compiled or planned per prompt length. (PyTorch's SDPA per sequence did this before:
+a gather of the cached context, a copy per GQA group, one call per sequence — and on the
+H200 its cuDNN backend built a plan for every new length, 0.1-1.8 s each.)
+
+K/V of the step are written with index_copy_ (no boolean masks, no host sync) before
+attention reads them; padded rows of a captured graph write to slot 0, the reserved
+padding block.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from prism.models.attention import AttentionBackend, AttentionMetadata
 
@@ -131,11 +135,124 @@ def paged_decode(
     return out
 
 
-# Sequence-length-agnostic kernels only (see the module's docstring).
-_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+def _build_prefill_kernel() -> Any:
+    @triton.jit
+    def paged_prefill(  # type: ignore[no-untyped-def]
+        out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, starts_ptr,
+        tiles_ptr, scale,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        head = tl.program_id(1)
+        kv_head = head // GROUP
+        seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        first = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)  # the tile's first query
+        q_start = tl.load(starts_ptr + seq)
+        q_len = tl.load(starts_ptr + seq + 1) - q_start
+        seq_len = tl.load(seq_lens_ptr + seq)
+        offs_m = first + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows = offs_m < q_len
+        q = tl.load(  # [BLOCK_M, D]
+            q_ptr + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+            mask=rows[:, None],
+            other=0.0,
+        )
+        q_pos = seq_len - q_len + offs_m  # each query's position in its sequence
+        kv_end = tl.minimum(seq_len, seq_len - q_len + first + BLOCK_M)  # causal bound
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)  # noqa: E741
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        qk_scale = scale * 1.4426950408889634  # log2(e): exp2 below
+        for start in range(0, kv_end, BLOCK_N):
+            pos = start + offs_n
+            cols = pos < kv_end
+            block = tl.load(tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=cols, other=0)
+            slot = pos % BLOCK_SIZE
+            k = tl.load(  # [BLOCK_N, D]
+                k_cache_ptr
+                + block[:, None] * stride_kb
+                + slot[:, None] * stride_ks
+                + kv_head * stride_kh
+                + offs_d[None, :],
+                mask=cols[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                v_cache_ptr
+                + block[:, None] * stride_vb
+                + slot[:, None] * stride_vs
+                + kv_head * stride_vh
+                + offs_d[None, :],
+                mask=cols[:, None],
+                other=0.0,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where((pos[None, :] <= q_pos[:, None]) & cols[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))  # finite from the first tile (position 0)
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, 1)  # noqa: E741
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        out = acc / l[:, None]
+        tl.store(
+            out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=rows[:, None],
+        )
+
+    return paged_prefill
+
+
+QUERY_TILE = 64  # query tokens of one sequence per prefill program
+_prefill_kernel: Any = None
+
+
+def query_tiles(query_lens: Sequence[int], device: torch.device) -> torch.Tensor:
+    """[n, 2] int32: (sequence, first query) of every QUERY_TILE-token tile of the step."""
+    tiles = [(i, t) for i, n in enumerate(query_lens) for t in range(0, n, QUERY_TILE)]
+    return torch.tensor(tiles, dtype=torch.int32, device=device)
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    tiles: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D], every sequence's query tokens flat; caches [N, bs, Hkv, D] (this
+    step's K/V already written) -> [T, Hq, D]. `tiles` from `query_tiles`."""
+    global _prefill_kernel
+    if triton is None:
+        raise RuntimeError("TritonAttention needs the triton package (install the gpu extra)")
+    if _prefill_kernel is None:
+        _prefill_kernel = _build_prefill_kernel()
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    tables = meta.block_tables
+    _prefill_kernel[(tiles.shape[0], num_heads)](
+        out, q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc, tiles, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
+        GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_M=QUERY_TILE, BLOCK_N=64,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 class TritonAttention(AttentionBackend):
+    def __init__(self) -> None:
+        self._tiles_of: tuple[AttentionMetadata, torch.Tensor] | None = None
+
     def forward(
         self,
         q: torch.Tensor,
@@ -151,72 +268,10 @@ class TritonAttention(AttentionBackend):
         v_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         if meta.max_query_len == 1:
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-        return self._mixed(q, k, v, k_cache, v_cache, meta, scale)
+        return paged_prefill(q, k_cache, v_cache, meta, self._tiles(meta), scale)
 
-    def _mixed(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        """A step with prefill chunks: decodes in one kernel launch, prefills one by one."""
-        out = torch.empty_like(q)
-        starts = [0]
-        for q_len in meta.query_lens_cpu:
-            starts.append(starts[-1] + q_len)
-        decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
-        if decodes:
-            seqs = torch.tensor(decodes, device=q.device)
-            rows = torch.tensor([starts[i] for i in decodes], device=q.device)
-            out[rows] = paged_decode(
-                q[rows], k_cache, v_cache, meta.block_tables[seqs], meta.seq_lens[seqs], scale
-            )
-        with sdpa_kernel(_PREFILL_BACKENDS):
-            for i, (q_len, seq_len) in enumerate(
-                zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)
-            ):
-                if q_len > 1:
-                    rows_i = slice(starts[i], starts[i] + q_len)
-                    out[rows_i] = self._prefill_one(
-                        q[rows_i], k[rows_i], v[rows_i], k_cache, v_cache,
-                        meta.block_tables[i], seq_len, meta.block_size, scale,
-                    )  # fmt: skip
-        return out
-
-    @staticmethod
-    def _prefill_one(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        table: torch.Tensor,
-        seq_len: int,
-        bs: int,
-        scale: float,
-    ) -> torch.Tensor:
-        """One sequence's chunk q: [L, Hq, D] over its whole context -> [L, Hq, D]."""
-        q_len = q.shape[0]
-        qs = q.transpose(0, 1)  # [Hq, L, D]
-        if q_len == seq_len:  # the whole context is this step's tokens
-            ks, vs = k.transpose(0, 1), v.transpose(0, 1)
-            mask, causal = None, True
-        else:  # earlier context lives in the cache
-            blocks = table[: -(-seq_len // bs)].long()
-            ks = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, S, D]
-            vs = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
-            # Causal with the chunk's queries at the end of the context: no mask tensor,
-            # so the flash/memory-efficient kernels still apply.
-            mask, causal = causal_lower_right(q_len, seq_len), False
-        group = qs.shape[0] // ks.shape[0]
-        if group > 1:  # the flash kernel wants one K/V head per query head
-            ks = ks.repeat_interleave(group, dim=0)
-            vs = vs.repeat_interleave(group, dim=0)
-        o = F.scaled_dot_product_attention(  # 4-D [1, H, L, D]: the flash kernel's shape
-            qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal, scale=scale
-        )
-        return o[0].transpose(0, 1)
+    def _tiles(self, meta: AttentionMetadata) -> torch.Tensor:
+        """The step's tile map, made at its first layer and kept for the others."""
+        if self._tiles_of is None or self._tiles_of[0] is not meta:
+            self._tiles_of = (meta, query_tiles(meta.query_lens_cpu, meta.seq_lens.device))
+        return self._tiles_of[1]

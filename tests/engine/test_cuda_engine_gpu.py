@@ -38,18 +38,24 @@ def _random_case(query_lens, seq_lens, heads=8, kv_heads=2, dim=128, bs=16):  # 
 
 
 @pytest.mark.parametrize(
-    ("query_lens", "seq_lens"),
-    [([1, 1, 1], [1, 37, 700]), ([5, 64], [5, 64]), ([7, 1, 33], [40, 90, 33])],
-    ids=["decode", "prefill", "chunked"],
+    ("query_lens", "seq_lens", "heads", "dim"),
+    [
+        ([1, 1, 1], [1, 37, 700], 8, 128),
+        ([5, 64], [5, 64], 8, 128),
+        ([7, 1, 33], [40, 90, 33], 8, 128),
+        # Tiles of 64 queries over long cached contexts, decodes beside them, GQA of 4.
+        ([300, 1, 65, 129], [2100, 900, 65, 1500], 8, 64),
+    ],
+    ids=["decode", "prefill", "chunked", "long-chunks-gqa4"],
 )
-def test_triton_attention_matches_reference(query_lens, seq_lens) -> None:  # type: ignore[no-untyped-def]
-    """Triton decode and SDPA prefill agree with the fp32 torch reference (bf16 inputs)."""
+def test_triton_attention_matches_reference(query_lens, seq_lens, heads, dim) -> None:  # type: ignore[no-untyped-def]
+    """The Triton decode and prefill kernels agree with the fp32 torch reference (bf16)."""
     from prism.models.triton_attention import TritonAttention
 
-    q, k, v, cache, meta = _random_case(query_lens, seq_lens)
+    q, k, v, cache, meta = _random_case(query_lens, seq_lens, heads=heads, dim=dim)
     ref_cache = cache.clone()
-    got = TritonAttention().forward(q, k, v, cache[0], cache[1], meta, 128**-0.5)
-    want = TorchAttention().forward(q, k, v, ref_cache[0], ref_cache[1], meta, 128**-0.5)
+    got = TritonAttention().forward(q, k, v, cache[0], cache[1], meta, dim**-0.5)
+    want = TorchAttention().forward(q, k, v, ref_cache[0], ref_cache[1], meta, dim**-0.5)
     assert torch.equal(cache, ref_cache)  # same K/V written to the same slots
     err = (got.float() - want.float()).norm() / want.float().norm()
     assert err < 1e-2, err
