@@ -415,7 +415,8 @@ def calibrate(
 def _factors(calibration: Calibration) -> dict[str, Any]:
     return {k: getattr(calibration, k) for k in (
         "decode_overhead", "prefill_points", "wake_overhead", "wake_fixed_s",
-        "unmap_s_per_gib", "step_fixed_s", "seq_fixed_s", "roofline", "source")}  # fmt: skip
+        "unmap_s_per_gib", "step_fixed_s", "seq_fixed_s", "eager_layer_s", "roofline",
+        "source")}  # fmt: skip
 
 
 def fit_report(cost: CostModel, samples: Samples) -> list[dict[str, Any]]:
@@ -624,9 +625,10 @@ def validate(kind: str, setup: Setup, traces: Path, out: Path) -> dict[str, Any]
     return results
 
 
-def resimulate(source: Path, traces: Path, out: Path | None) -> dict[str, Any]:
+def resimulate(source: Path, traces: Path, out: Path | None, refit: bool = False) -> dict[str, Any]:
     """The simulated side again, against the live runs recorded in `source` (after a
-    change to the simulator, say: no device needed)."""
+    change to the simulator, say: no device needed). `refit`: fit the calibration again
+    to the steps and wakes the run measured (after a change to the cost model)."""
     results = json.loads(source.read_text())
     recorded = results["setup"]
     setup = replace(
@@ -636,9 +638,14 @@ def resimulate(source: Path, traces: Path, out: Path | None) -> dict[str, Any]:
     lengths = trace_lengths(setup, traces)
     shapes = model_shapes(setup)
     page = recorded["page_size"]
+    spec = GPUSpec(**results["calibration"]["ceilings"])
     factors = dict(results["calibration"]["factors"])
     factors["prefill_points"] = tuple(tuple(p) for p in factors["prefill_points"])
-    cost = CostModel(GPUSpec(**results["calibration"]["ceilings"]), Calibration(**factors))
+    calibration = Calibration(**factors)
+    if refit:
+        calibration = refit_calibration(results, setup, shapes, spec, calibration)
+        results["calibration"]["factors"] = _factors(calibration)
+    cost = CostModel(spec, calibration)
     costs = sim_costs(setup, cost)
     solo = results["solo"]
     solo["sim"] = {k: solo_sim(setup, lengths, shapes, c, page) for k, c in costs.items()}
@@ -652,6 +659,29 @@ def resimulate(source: Path, traces: Path, out: Path | None) -> dict[str, Any]:
     if out is not None:
         out.write_text(json.dumps(results, indent=1, default=float))
     return results
+
+
+def refit_calibration(
+    results: dict[str, Any], setup: Setup, shapes: list[ModelShape], spec: GPUSpec,
+    recorded: Calibration,
+) -> Calibration:  # fmt: skip
+    """`Calibration.fit` again over the samples of a run's fit report (sleeps were not
+    recorded one by one: their rate stays as fitted then)."""
+    by_name = {s.name: s for s in shapes}
+    steps = 2 * setup.repeats + 2  # as `measure_model` times them
+    samples = Samples()
+    for row in results["calibration"]["fit"]:
+        shape, size, seconds = by_name[row["model"]], row["size"], row["measured_s"]
+        if row["kind"] == "decode":
+            kv_tokens = size * (setup.decode_context + 1 + steps // 2)
+            samples.decode.append((shape, size, kv_tokens, seconds))
+        elif row["kind"] == "prefill":
+            samples.prefill.append((shape, size, seconds))
+        else:
+            samples.wake.append((shape, seconds))
+    fitted = Calibration.fit(spec, samples.decode, samples.prefill, samples.wake, [], "")
+    return replace(fitted, unmap_s_per_gib=recorded.unmap_s_per_gib,
+                   source=f"{recorded.source}; refitted {now()}")  # fmt: skip
 
 
 def model_shapes(setup: Setup) -> list[ModelShape]:
@@ -713,9 +743,10 @@ def main() -> None:
     parser.add_argument("--slo-scales", type=floats)
     parser.add_argument("--kv-mib", type=float, help="KV memory beside the weights, MiB")
     parser.add_argument("--resim", type=Path, help="simulate again against this result's live runs")
+    parser.add_argument("--refit", action="store_true", help="with --resim: fit the costs again")
     args = parser.parse_args()
     if args.resim:
-        print_table(resimulate(args.resim, args.traces, args.out))
+        print_table(resimulate(args.resim, args.traces, args.out, args.refit))
         return
     kind = "smoke" if args.smoke else args.device
     kv = None if args.kv_mib is None else int(args.kv_mib * MiB)

@@ -1,10 +1,13 @@
 """CUDA attention backend: Triton kernels that read K/V through the block tables.
 
 Decode (every sequence has one query token) runs one Triton program per (sequence,
-KV head): the program holds the group of query heads that share that KV head, walks the
-sequence's blocks through its block table with an online softmax, and reads each K/V
-element once. Everything it needs comes from tensors (seq_lens, block_tables), so a
-decode step is CUDA-graph capturable.
+KV head, split): the program holds the group of query heads that share that KV head,
+walks its share of the sequence's blocks through the block table with an online
+softmax, and reads each K/V element once. A batch too small to fill the GPU splits each
+context over several programs, whose partial softmax states a second kernel merges
+(flash-decoding): unsplit, batch 1 of a 1B model is 8 programs each walking its whole
+context alone. Everything comes from tensors (seq_lens, block_tables) and the split
+count from the batch size, so a decode step is CUDA-graph capturable.
 
 A step with prefill chunks (mixed with decodes or not) runs one launch per layer for
 every sequence at once: one program per (tile of 64 query tokens of one sequence, query
@@ -36,18 +39,25 @@ except ImportError:  # pragma: no cover - CPU machines have no Triton
     triton = None
 
 
-def _build_kernel() -> Any:
+def _build_decode_kernels() -> tuple[Any, Any]:
     @triton.jit
     def paged_decode(  # type: ignore[no-untyped-def]
-        out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, scale,
+        out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, seq_lens_ptr, scale, num_heads,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr,
     ):  # fmt: skip
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + seq)
+        # This program's share of the context: whole tiles, the last split may run short
+        # (or have nothing, for a short context).
+        chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), TILE) * TILE
+        first = split * chunk
+        last = tl.minimum(seq_len, first + chunk)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         offs_t = tl.arange(0, TILE)
@@ -61,9 +71,9 @@ def _build_kernel() -> Any:
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)  # noqa: E741
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for start in range(0, seq_len, TILE):
+        for start in range(first, last, TILE):
             pos = start + offs_t
-            tmask = pos < seq_len
+            tmask = pos < last
             block = tl.load(tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=tmask, other=0)
             slot = pos % BLOCK_SIZE
             k = tl.load(  # [TILE, D]
@@ -92,17 +102,57 @@ def _build_kernel() -> Any:
             l = l * alpha + tl.sum(p, 1)  # noqa: E741
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
-        out = acc / l[:, None]
+        if SPLITS == 1:
+            tl.store(
+                out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                (acc / l[:, None]).to(out_ptr.dtype.element_ty),
+                mask=gmask[:, None],
+            )
+        else:  # partial softmax state, [B, Hq, SPLITS] and [B, Hq, SPLITS, D]
+            row = (seq * num_heads + heads) * SPLITS + split
+            tl.store(part_m_ptr + row, m, mask=gmask)
+            tl.store(part_l_ptr + row, l, mask=gmask)
+            tl.store(
+                part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None]
+            )
+
+    @triton.jit
+    def merge_splits(  # type: ignore[no-untyped-def]
+        out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, num_heads, stride_ot, stride_oh,
+        HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+    ):  # fmt: skip
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        offs_s = tl.arange(0, SPLITS)
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows = (seq * num_heads + head) * SPLITS + offs_s
+        m = tl.load(part_m_ptr + rows)
+        l = tl.load(part_l_ptr + rows)  # noqa: E741
+        acc = tl.load(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :])
+        m_max = tl.max(m, 0)  # finite: the first split always holds a token
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # empty splits weigh 0
+        out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
         tl.store(
-            out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            out_ptr + seq * stride_ot + head * stride_oh + offs_d,
             out.to(out_ptr.dtype.element_ty),
-            mask=gmask[:, None],
         )
 
-    return paged_decode
+    return paged_decode, merge_splits
 
 
-_kernel: Any = None
+_decode_kernels: tuple[Any, Any] | None = None
+_sm_count: dict[int, int] = {}
+
+
+def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """Programs per (sequence, KV head): enough for about two waves over the SMs when
+    the batch alone is too small to fill them (batch 1 of a 1B model has 8 programs, and
+    each would walk its whole context alone), 1 once it is not; at most 32."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_count:
+        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    wanted = 2 * _sm_count[index] // max(1, batch * num_kv_heads)
+    return 1 if wanted < 2 else min(32, triton.next_power_of_2(wanted))
 
 
 def paged_decode(
@@ -112,26 +162,43 @@ def paged_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """q: [B, Hq, D], one query per sequence; caches [N, bs, Hkv, D] -> [B, Hq, D]."""
-    global _kernel
+    """q: [B, Hq, D], one query per sequence; caches [N, bs, Hkv, D] -> [B, Hq, D].
+    A small batch splits each context over several programs (flash-decoding) and merges
+    their partial softmax states; `splits` (a power of two) overrides the choice.
+    Capturable in a CUDA graph: the split count depends on the batch size alone."""
+    global _decode_kernels
     if triton is None:
         raise RuntimeError("TritonAttention needs the triton package (install the gpu extra)")
-    if _kernel is None:
-        _kernel = _build_kernel()
+    if _decode_kernels is None:
+        _decode_kernels = _build_decode_kernels()
+    decode, merge = _decode_kernels
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
+    if splits is None:
+        splits = decode_splits(batch, num_kv_heads, q.device)
     out = torch.empty_like(q)
-    tile = max(64, block_size)
-    _kernel[(batch, num_kv_heads)](
-        out, q, k_cache, v_cache, block_tables, seq_lens, scale,
+    part_m = part_l = part_acc = out  # unused with one split
+    if splits > 1:
+        part_m = q.new_empty((batch, num_heads, splits), dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        part_acc = q.new_empty((batch, num_heads, splits, head_dim), dtype=torch.float32)
+    decode[(batch, num_kv_heads, splits)](
+        out, part_m, part_l, part_acc,
+        q, k_cache, v_cache, block_tables, seq_lens, scale, num_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, TILE=tile, num_warps=4,
+        HEAD_DIM=head_dim, TILE=max(64, block_size), SPLITS=splits, num_warps=4,
     )  # fmt: skip
+    if splits > 1:
+        merge[(batch, num_heads)](
+            out, part_m, part_l, part_acc, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLITS=splits,
+        )  # fmt: skip
     return out
 
 

@@ -6,15 +6,18 @@ Each time is a physical floor times a factor measured on real hardware, plus hos
   + step_fixed_s + seq_fixed_s × batch, bytes = weights + the batch's KV cache; the
   roofline is the larger of the two times (a GPU overlaps them) or, where measurements
   say so (a CPU core), their sum;
-- prefill      = FLOPs / (matmul rate × efficiency(tokens)) + the same host work, never
-  below the decode time of the same step (a short prompt is bound by reading the weights);
+- prefill      = max(FLOPs / (matmul rate × efficiency(tokens)), layers × eager_layer_s)
+  + the same host work, never below the decode time of the same step (a short prompt is
+  bound by reading the weights); eager_layer_s is the host's time to launch one layer of
+  a step that runs without a CUDA graph (every step with a prefill chunk), which bounds
+  small prompts and small models: 0.64-0.74 ms a layer on the H200 host, measured;
 - a mixed step (prefill chunk + running decodes, as the engine runs them) = the larger
   of its memory time and its compute time;
 - wake         = weight bytes / host→device bandwidth × wake_overhead + wake_fixed_s.
 
 `Calibration.from_results` reads the factors from the H200 benchmark files under
-`benchmarks/results/` (no host-work terms: the 8B decode fit there has an intercept of
-~0); without them the defaults below are those same measurements. `Calibration.fit`
+`benchmarks/results/` (decode: overhead and host work per sequence, fitted to the 8B
+rows); without them the defaults below are those same measurements. `Calibration.fit`
 fits every factor to steps and wakes timed on any device (several models at once), as
 `benchmarks/validate_sim.py` does on the device it compares against.
 """
@@ -117,20 +120,24 @@ GPUS = {"H200": H200, "H100": H100}
 class Calibration:
     """Measured factors between real step times and their physical floors."""
 
-    decode_overhead: float = 1.593  # engine step / floor, mean over batch 1..128 (8B, ctx 512)
+    decode_overhead: float = 1.3422  # engine step / floor, batch 1..128 (8B, ctx 512), fitted
     # prefill achieved / matmul rate, by tokens in the step (8B): 512, 2048, 8192 tokens
-    prefill_points: tuple[tuple[int, float], ...] = ((512, 0.633), (2048, 0.807), (8192, 0.816))
+    prefill_points: tuple[tuple[int, float], ...] = ((512, 0.486), (2048, 0.784), (8192, 0.711))
     # wake / (bytes / H2D), least-squares slope over 1B, 3B, 8B (the copy runs as the
     # pages map, so a wake is close to the bare copy)
     wake_overhead: float = 1.001
     wake_fixed_s: float = 0.0059  # its intercept: per-wake work that does not scale with bytes
     unmap_s_per_gib: float = 0.0131  # sleep: unmapping 1 GiB of pages (bench_memory shrink)
     # Host work of an engine step, whatever the model (scheduling, inputs, sampling), and
-    # per sequence in it; 0 for the H200 results (one model: the 8B fit's intercept is ~0).
+    # per sequence in it; the H200 results fit only the latter (one model's rows: a fixed
+    # term would take the whole step, see `from_results`).
     step_fixed_s: float = 0.0
-    seq_fixed_s: float = 0.0
+    seq_fixed_s: float = 1.4172e-05
+    # Host time per layer of an eager step (with a prefill chunk, so no CUDA graph): the
+    # floor of such a step when launching kernels takes longer than running them.
+    eager_layer_s: float = 0.0
     roofline: str = "max"  # decode memory and compute time: "max" (overlapped) or "sum"
-    source: str = "defaults (H200 runs of commits 85d4f27, dee4692, 8a508d1)"
+    source: str = "defaults (H200 runs of commits e8b3f74, dee4692, 8a508d1)"
     _tokens: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -159,9 +166,14 @@ class Calibration:
         engine = root / "bench_engine_h200.json"
         if engine.is_file():
             data = json.loads(engine.read_text())
-            decode = [r["over_floor"] for r in data.get("decode_8b", [])]
+            shape = SHAPES["llama-3.1-8b"]
+            decode = [(shape, r["batch"], r["batch"] * (r["ctx"] + 20), r["step_ms"] / 1e3)
+                      for r in data.get("decode_8b", [])]  # fmt: skip
             if decode:
-                found["decode_overhead"] = sum(decode) / len(decode)
+                # One model's rows: overhead and host work per sequence (a fixed term
+                # would take the whole step from this one model, and not carry to others).
+                overhead, per_seq = _fit_decode_one_model(gpu_from_results(root), decode)
+                found.update(decode_overhead=overhead, seq_fixed_s=per_seq)
             prefill = [(r["tokens"], r["of_matmul_rate"]) for r in data.get("prefill_8b", [])]
             if prefill:
                 found["prefill_points"] = tuple(sorted(prefill))
@@ -196,18 +208,12 @@ class Calibration:
     ) -> Calibration:
         """Factors fitted to measurements on `gpu` (whose ceilings make the floors):
         decode steps (shape, batch, KV tokens, seconds) → roofline, overhead and host work
-        (`_fit_decode`); prefill steps (shape, tokens, seconds) → efficiency at each token
-        count, the mean over models once the host work is taken off; wakes (shape,
+        (`_fit_decode`); prefill steps (shape, tokens, seconds) → the eager host floor per
+        layer and the efficiency at each token count (`_fit_prefill`); wakes (shape,
         seconds) → copy overhead and fixed time, a line as in `from_results`; sleeps
         (bytes unmapped, seconds) → seconds per GiB."""
         roofline, overhead, fixed, per_seq = _fit_decode(gpu, decode)
-        efficiency: dict[int, list[float]] = {}
-        for shape, tokens, seconds in prefill:
-            compute_s = CostModel(gpu).prefill_flops(shape, tokens) / gpu.flops_per_s
-            # host work never takes more than 90% of a step (a noisy fit could say so)
-            work_s = max(seconds - fixed - per_seq, 0.1 * seconds)
-            efficiency.setdefault(tokens, []).append(compute_s / work_s)
-        points = tuple((t, sum(e) / len(e)) for t, e in sorted(efficiency.items()))
+        eager, points = _fit_prefill(gpu, prefill, fixed + per_seq)
         wake_overhead, wake_fixed = _line_fit(
             [(shape.weight_bytes / gpu.h2d_bytes_per_s, t) for shape, t in wake]
         )
@@ -220,6 +226,7 @@ class Calibration:
             unmap_s_per_gib=sum(t for _, t in sleep) / (unmapped / GiB) if unmapped else 0.0,
             step_fixed_s=fixed,
             seq_fixed_s=per_seq,
+            eager_layer_s=eager,
             roofline=roofline,
             source=source,
         )
@@ -236,7 +243,9 @@ def _fit_decode(
     batch = np.array([b for _, b, _, _ in decode], dtype=float)
     best: tuple[float, str, dict[int, float]] | None = None
     for roofline in ("max", "sum"):
-        floors = CostModel(gpu, Calibration(decode_overhead=1.0, roofline=roofline))
+        floors = CostModel(
+            gpu, Calibration(decode_overhead=1.0, seq_fixed_s=0.0, roofline=roofline)
+        )
         floor = np.array([floors.decode_s(s, b, kv) for s, b, kv, _ in decode])
         columns = np.stack([floor, np.ones_like(floor), batch], axis=1) / measured[:, None]
         for keep in ([0], [0, 1], [0, 2], [0, 1, 2]):
@@ -247,6 +256,58 @@ def _fit_decode(
     assert best is not None, "no decode samples"
     _, roofline, terms = best
     return roofline, terms[0], terms.get(1, 0.0), terms.get(2, 0.0)
+
+
+def _fit_decode_one_model(
+    gpu: GPUSpec, decode: Sequence[tuple[ModelShape, int, int, float]]
+) -> tuple[float, float]:
+    """(overhead, seq_fixed_s) of decode = overhead × floor + seq_fixed_s × batch (the
+    max roofline): least squares on the relative error, per-sequence work kept ≥ 0."""
+    floors = CostModel(gpu, Calibration(decode_overhead=1.0, seq_fixed_s=0.0))
+    measured = np.array([t for *_, t in decode])
+    floor = np.array([floors.decode_s(s, b, kv) for s, b, kv, _ in decode])
+    batch = np.array([b for _, b, _, _ in decode], dtype=float)
+    columns = np.stack([floor, batch], axis=1) / measured[:, None]
+    overhead, per_seq = np.linalg.lstsq(columns, np.ones(len(decode)), rcond=None)[0]
+    if per_seq < 0:
+        return float(np.mean(measured / floor)), 0.0
+    return float(overhead), float(per_seq)
+
+
+def _fit_prefill(
+    gpu: GPUSpec, prefill: Sequence[tuple[ModelShape, int, float]], host_s: float
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """(eager_layer_s, prefill_points) of prefill = max(FLOPs / (rate × efficiency),
+    layers × eager_layer_s) + host_s. Each candidate floor (none, or the one that one
+    sample's time would give) splits the samples into host-bound ones (at or under the
+    floor) and compute-bound ones, whose mean efficiency per token count it takes (a token
+    count with none gets the efficiency that just fits under the floor); the candidate
+    whose model is closest to every sample wins, the smallest on a tie."""
+    flops = CostModel(gpu)
+    rows = []
+    for shape, tokens, seconds in prefill:
+        compute_s = flops.prefill_flops(shape, tokens) / gpu.flops_per_s
+        # host work never takes more than 90% of a step (a noisy fit could say so)
+        rows.append((shape.layers, tokens, compute_s, max(seconds - host_s, 0.1 * seconds)))
+    candidates = sorted({0.0} | {work / layers for layers, _, _, work in rows})
+    best: tuple[float, float, tuple[tuple[int, float], ...]] | None = None
+    for eager in candidates:
+        bound = [layers * eager >= work * (1 - 1e-9) for layers, _, _, work in rows]
+        efficiency: dict[int, list[float]] = {}
+        for (_, tokens, compute_s, work), host_bound in zip(rows, bound, strict=True):
+            if not host_bound:
+                efficiency.setdefault(tokens, []).append(compute_s / work)
+        for tokens in {t for _, t, _, _ in rows} - efficiency.keys():
+            efficiency[tokens] = [max(c / w for _, t, c, w in rows if t == tokens)]
+        means = {t: sum(e) / len(e) for t, e in efficiency.items()}
+        error = sum(
+            (max(compute_s / means[tokens], layers * eager) / work - 1.0) ** 2
+            for layers, tokens, compute_s, work in rows
+        )
+        if best is None or error < best[0] - 1e-12:
+            best = (error, eager, tuple(sorted(means.items())))
+    assert best is not None, "no prefill samples"
+    return best[1], best[2]
 
 
 def _line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -333,8 +394,9 @@ class CostModel:
         c = self.calibration
         flops = prefill_flops + 2.0 * shape.matmul_params * batch
         compute = flops / (self.gpu.flops_per_s * c.prefill_efficiency(prefill_tokens))
+        eager = shape.layers * c.eager_layer_s  # no CUDA graph: launched kernel by kernel
         host = c.step_fixed_s + c.seq_fixed_s * (batch + prefill_seqs)
-        return max(decode, compute + host)
+        return max(decode, max(compute, eager) + host)
 
     def wake_s(self, shape: ModelShape) -> float:
         """Map the weights' pages and copy them from pinned host memory."""

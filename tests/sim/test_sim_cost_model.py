@@ -108,3 +108,21 @@ def test_fit_recovers_the_factors_steps_were_made_with(roofline: str) -> None:
         0.004
     )
     assert fitted.unmap_s_per_gib == pytest.approx(0.02)
+
+
+def test_fit_finds_the_eager_host_floor() -> None:
+    """Prefill steps made with a host floor per layer (every model host-bound at 128
+    tokens, the 1B at 2048 too) are fitted back: the floor, the efficiency where compute
+    shows, and every step's time."""
+    true = Calibration(prefill_points=((128, 0.3), (2048, 0.8)), eager_layer_s=7e-4)
+    cost = CostModel(calibration=true)
+    shapes = [SHAPES[n] for n in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")]
+    decode = [(s, b, b * 600, cost.decode_s(s, b, b * 600)) for s in shapes for b in (1, 8, 64)]
+    prefill = [(s, t, cost.prefill_s(s, t)) for s in shapes for t in (128, 2048)]
+    wake = [(s, cost.wake_s(s)) for s in shapes]
+    fitted = Calibration.fit(cost.gpu, decode, prefill, wake, [], "synthetic")
+    assert fitted.eager_layer_s == pytest.approx(7e-4, rel=1e-6)
+    assert dict(fitted.prefill_points)[2048] == pytest.approx(0.8, rel=1e-6)
+    again = CostModel(cost.gpu, fitted)
+    for shape, tokens, seconds in prefill:
+        assert again.prefill_s(shape, tokens) == pytest.approx(seconds, rel=1e-6)
