@@ -3,9 +3,9 @@
 #
 #   bash scripts/gpu_session.sh PART [PART ...]
 #
-#   tests       every `-m gpu` test (pool, caches, kernels, engine, worker, chaos); the
-#               modules that import the server hold none and need fastapi and openai,
-#               which the image lacks
+#   tests       every `-m gpu` test (pool, caches, kernels, engine, worker, chaos) →
+#               gpu_tests_h200.json (outcomes, the chaos figures); the modules that
+#               import the server hold none and need fastapi and openai (not in the image)
 #   engine      benchmarks/bench_engine.py: decode/prefill against the floor, offline
 #   worker      benchmarks/bench_worker.py: overlap of co-located models, shift at 3 rates
 #   wake        benchmarks/bench_worker.py: wake latency against the H2D floor, steady
@@ -36,10 +36,12 @@ for part in "$@"; do
     echo "=== $part ($(date -u +%H:%M:%S)) ==="
     case $part in
         tests)
-            python -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+            python -m pytest -m gpu -q -p no:cacheprovider -o junit_family=xunit1 \
+                --junitxml="$OUT/gpu_tests.xml" \
                 --ignore tests/server --ignore tests/serving/test_fleet_serve.py \
                 --ignore tests/sim/test_sim_cli.py \
-                2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+                2>&1 | tee "$OUT/gpu_tests.log" | tail -40 || true
+            python scripts/gpu_test_report.py "$OUT/gpu_tests.xml" "$OUT/gpu_tests_h200.json"
             ;;
         engine)
             python benchmarks/bench_engine.py --trace "$azure" --out "$OUT/bench_engine_h200.json"

@@ -17,7 +17,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -272,22 +272,28 @@ class _Driver:
         }
 
 
-def test_random_wake_sleep_limit_abort_while_requests_stream() -> None:
+def test_random_wake_sleep_limit_abort_while_requests_stream(
+    record_property: Callable[[str, object], None],
+) -> None:
     """Seeded random submits, aborts, sleeps, wakes and KV limits (some below current use)
     on four models over a pool that holds about two: the books balance after every step,
     every request ends, none loses a token, and sampled outputs equal their solo runs."""
-    _chaos(CPU)
+    _chaos(CPU, record_property)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_random_wake_sleep_limit_abort_while_requests_stream() -> None:
+def test_gpu_random_wake_sleep_limit_abort_while_requests_stream(
+    record_property: Callable[[str, object], None],
+) -> None:
     """The same chaos on CUDA VMM pages, Triton attention, decode CUDA graphs replayed
     over remapped pages, and each model's steps on its own stream."""
-    _chaos(GPU)
+    _chaos(GPU, record_property)
 
 
-def _chaos(setup: _Setup) -> None:
+def _chaos(setup: _Setup, record: Callable[[str, object], None]) -> None:
+    """The run; its figures also go into the JUnit report (`--junitxml`), which is how
+    the device's run brings them back."""
     rng = random.Random(_seed(0))
     worker = _worker(setup)
     driver = _Driver(worker, rng, setup)
@@ -304,6 +310,8 @@ def _chaos(setup: _Setup) -> None:
             _check_done(job)
     figures = driver.figures()
     print(f"\nchaos (DeviceWorker on {setup.device}, seed {_seed(0)}): {figures}")
+    for name, value in figures.items():
+        record(name, value)
     assert figures["sleeps"] and figures["preemptions"], "the pool was never under pressure"
     worker.check_integrity()
     worker.close()
