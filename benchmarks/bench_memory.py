@@ -381,7 +381,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench_memory.json")
     parser.add_argument("--pages", type=int, default=512, help="pages per driver-floor run")
+    parser.add_argument(
+        "--pin-cpu", type=int, help="run on this one CPU core (less scheduler jitter in the p99s)"
+    )
     args = parser.parse_args()
+    if args.pin_cpu is not None:
+        os.sched_setaffinity(0, {args.pin_cpu})
     torch.cuda.init()
     vmm = CudaVMM(0)
     results: dict[str, Any] = {
@@ -391,6 +396,7 @@ def main() -> None:
         "commit": os.environ.get("PRISM_COMMIT", "unknown"),
         "torch": torch.__version__,
         "page_size": vmm.page_size,
+        "pinned_cpu": args.pin_cpu,
     }
     driver_floor(vmm, 64)  # warm-up: first calls pay one-off driver costs
     results["driver_floor"] = driver_floor(vmm, args.pages)

@@ -12,6 +12,7 @@
 #   multimodel  benchmarks/bench_multimodel.py: 8 models at 80 GiB; MODES (default
 #               prism,static,swap) and SLOS (a JSON of solo SLOs from an earlier call, put
 #               under .traces/ and carried) split it over calls: a mode takes ~5-9 min
+#   memory      benchmarks/bench_memory.py on one pinned core (driver floor, moves, p99s)
 #   validate    benchmarks/validate_sim.py: the simulator against the live worker
 #
 # Results go under $OUT (the device tool copies them back); logs print as they run.
@@ -57,6 +58,9 @@ for part in "$@"; do
             python benchmarks/bench_multimodel.py --traces "$TRACES" \
                 --modes "${MODES:-prism,static,swap}" ${SLOS:+--slos "$SLOS"} \
                 --out "$OUT/bench_multimodel_h200.json"
+            ;;
+        memory)
+            python benchmarks/bench_memory.py --pin-cpu 2 --out "$OUT/bench_memory_h200.json"
             ;;
         validate)
             python benchmarks/validate_sim.py --device cuda --traces "$TRACES" \
