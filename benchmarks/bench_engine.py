@@ -119,12 +119,15 @@ def decode(config: ModelConfig, ceil: dict[str, float], batches: list[int], ctx:
     return rows
 
 
-def prefill(config: ModelConfig, ceil: dict[str, float], lengths: list[int]) -> list[dict]:
-    """One prompt of each length in one step: achieved FLOP rate vs the matmul rate."""
+def prefill(
+    config: ModelConfig, ceil: dict[str, float], lengths: list[int], graphs: bool = False
+) -> list[dict]:
+    """One prompt of each length in one step: achieved FLOP rate vs the matmul rate.
+    `graphs`: each length replays a token-count CUDA graph (else launched eagerly)."""
     engine = make_engine(
         config, max_num_seqs=4, max_model_len=max(lengths) + 16,
         max_num_batched_tokens=max(lengths), kv_cache_bytes=20 * GiB, prefix_caching=False,
-        cuda_graph_sizes=(),
+        cuda_graph_sizes=(), cuda_graph_tokens=tuple(lengths) if graphs else (),
     )  # fmt: skip
     rows = []
     rng = random.Random(1)
@@ -142,7 +145,8 @@ def prefill(config: ModelConfig, ceil: dict[str, float], lengths: list[int]) -> 
         step = statistics.median(times[1:])
         attn = 2 * config.num_layers * config.num_heads * config.head_dim * n * n  # causal QK+PV
         flops = 2 * matmul_params(config) * n + attn
-        rows.append({"tokens": n, "step_ms": step * 1e3, "tflops": flops / step / 1e12,
+        rows.append({"tokens": n, "graph": graphs, "step_ms": step * 1e3,
+                     "tflops": flops / step / 1e12,
                      "of_matmul_rate": flops / step / ceil["bf16_flops_per_s"]})  # fmt: skip
     engine.close()
     return rows
@@ -295,6 +299,12 @@ def main() -> None:
         results["decode_8b_long"] = decode(big, ceil, [1, 8], ctx=8192)
     if "prefill" in parts:
         results["prefill_8b"] = prefill(big, ceil, [512, 2048, 8192])
+        # The same steps replayed from token-count graphs, and a small model's short
+        # prompts, where launching layer by layer from Python sets the pace.
+        results["prefill_8b_graph"] = prefill(big, ceil, [512, 2048, 8192], graphs=True)
+        small = PRESETS["llama-3.2-1b"]
+        results["prefill_1b"] = prefill(small, ceil, [128, 512, 2048])
+        results["prefill_1b_graph"] = prefill(small, ceil, [128, 512, 2048], graphs=True)
     if "offline" in parts:
         reqs = trace_requests(args.trace, args.requests, max_prompt=512, max_output=128)
         fixed = 64
@@ -325,9 +335,10 @@ def main() -> None:
         print(f"decode 8B ctx {r['ctx']:>4} batch {r['batch']:>3}: step {r['step_ms']:6.2f} ms, "
               f"graph {r['graph_ms']:6.2f} ms vs floor {r['floor_ms']:6.2f} ms = "
               f"{r['over_floor']:.2f}x / {r['graph_over_floor']:.2f}x")  # fmt: skip
-    for r in results.get("prefill_8b", []):
-        print(f"prefill 8B {r['tokens']:>5} tokens: {r['step_ms']:7.1f} ms, {r['tflops']:.0f} "
-              f"TFLOP/s = {r['of_matmul_rate']:.0%} of matmul rate")  # fmt: skip
+    for key in ("prefill_8b", "prefill_8b_graph", "prefill_1b", "prefill_1b_graph"):
+        for r in results.get(key, []):
+            print(f"prefill {key[8:]:>8} {r['tokens']:>5} tokens: {r['step_ms']:7.1f} ms, "
+                  f"{r['tflops']:.0f} TFLOP/s = {r['of_matmul_rate']:.0%} of matmul")  # fmt: skip
     for name, row in results.get("offline", {}).items():
         line = (f"offline {name}: trace {row['trace_lengths']['tokens_per_s']:.0f} tok/s, "
                 f"fixed-64 {row['fixed_output']['tokens_per_s']:.0f} tok/s")  # fmt: skip

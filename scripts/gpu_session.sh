@@ -14,6 +14,7 @@
 #               under .traces/ and carried) split it over calls: a mode takes ~5-9 min
 #   memory      benchmarks/bench_memory.py on one pinned core (driver floor, moves, p99s)
 #   validate    benchmarks/validate_sim.py: the simulator against the live worker
+#               (GRAPH_TOKENS, e.g. 64,128,256,512,1024,2048: graphs for prefill steps)
 #
 # Results go under $OUT (the device tool copies them back); logs print as they run.
 # Needs PRISM_COMMIT (the device checkout's git HEAD may be stale). Traces come from
@@ -64,7 +65,7 @@ for part in "$@"; do
             ;;
         validate)
             python benchmarks/validate_sim.py --device cuda --traces "$TRACES" \
-                --out "$OUT/validate_sim_h200.json"
+                ${GRAPH_TOKENS:+--graph-tokens "$GRAPH_TOKENS"} --out "$OUT/validate_sim_h200.json"
             ;;
         *)
             echo "unknown part: $part" >&2

@@ -54,6 +54,10 @@ class EngineConfig:
     seed: int = 0  # for requests without their own seed
     # decode batch sizes captured as CUDA graphs (CUDA only); () runs every step eagerly
     cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    # token counts of steps with prefill chunks captured as CUDA graphs (CUDA only, each
+    # in 2..max_num_batched_tokens); () launches those steps layer by layer. Off until
+    # measured on the GPU: each size keeps its activations in the graphs' memory pool.
+    cuda_graph_tokens: tuple[int, ...] = ()
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -94,7 +98,17 @@ class Engine:
                 f"max_model_len {config.max_model_len} exceeds the KV cache's "
                 f"{capacity} tokens; raise kv_cache_bytes or lower max_model_len"
             )
-        self.runner.capture([s for s in config.cuda_graph_sizes if s <= config.max_num_seqs])
+        tokens = config.cuda_graph_tokens
+        if any(not 2 <= t <= config.max_num_batched_tokens for t in tokens):
+            raise ValueError(
+                f"cuda_graph_tokens {tokens} must lie in 2..max_num_batched_tokens "
+                f"({config.max_num_batched_tokens})"
+            )
+        self.runner.capture(
+            [s for s in config.cuda_graph_sizes if s <= config.max_num_seqs],
+            tokens,
+            config.max_num_seqs,
+        )
 
     @classmethod
     def create(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [N, bs, Hkv, D]
+QUERY_TILE = 64  # query tokens of one sequence per tile of `AttentionMetadata.query_tiles`
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,10 @@ class AttentionMetadata:
     # Host copies of the lengths, so CPU code can loop without device syncs.
     query_lens_cpu: tuple[int, ...]
     seq_lens_cpu: tuple[int, ...]
+    # [n, 2] int32: (sequence, first query) of every QUERY_TILE-query tile of a step with
+    # a prefill chunk, for backends that tile queries (None for decode-only steps).
+    # Entries may point at a sequence with no queries (a captured graph's padding).
+    query_tiles: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -75,6 +80,9 @@ class AttentionMetadata:
         starts = [0]
         for q_len in query_lens:
             starts.append(starts[-1] + q_len)
+        tiles = None
+        if max(query_lens, default=0) > 1:
+            tiles = torch.tensor(query_tiles(query_lens), dtype=torch.int32, device=device)
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
@@ -85,7 +93,13 @@ class AttentionMetadata:
             block_size=block_size,
             query_lens_cpu=tuple(query_lens),
             seq_lens_cpu=tuple(seq_lens),
+            query_tiles=tiles,
         )
+
+
+def query_tiles(query_lens: Sequence[int]) -> list[tuple[int, int]]:
+    """(sequence, first query) of every QUERY_TILE-query tile of the sequences' queries."""
+    return [(i, t) for i, n in enumerate(query_lens) for t in range(0, n, QUERY_TILE)]
 
 
 def write_kv_cache(

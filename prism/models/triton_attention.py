@@ -25,12 +25,11 @@ padding block.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from prism.models.attention import AttentionBackend, AttentionMetadata
+from prism.models.attention import QUERY_TILE, AttentionBackend, AttentionMetadata
 
 try:
     import triton
@@ -275,14 +274,7 @@ def _build_prefill_kernel() -> Any:
     return paged_prefill
 
 
-QUERY_TILE = 64  # query tokens of one sequence per prefill program
 _prefill_kernel: Any = None
-
-
-def query_tiles(query_lens: Sequence[int], device: torch.device) -> torch.Tensor:
-    """[n, 2] int32: (sequence, first query) of every QUERY_TILE-token tile of the step."""
-    tiles = [(i, t) for i, n in enumerate(query_lens) for t in range(0, n, QUERY_TILE)]
-    return torch.tensor(tiles, dtype=torch.int32, device=device)
 
 
 def paged_prefill(
@@ -290,11 +282,11 @@ def paged_prefill(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
-    tiles: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """q: [T, Hq, D], every sequence's query tokens flat; caches [N, bs, Hkv, D] (this
-    step's K/V already written) -> [T, Hq, D]. `tiles` from `query_tiles`."""
+    step's K/V already written) -> [T, Hq, D], one program per `meta.query_tiles` entry
+    and query head."""
     global _prefill_kernel
     if triton is None:
         raise RuntimeError("TritonAttention needs the triton package (install the gpu extra)")
@@ -302,6 +294,9 @@ def paged_prefill(
         _prefill_kernel = _build_prefill_kernel()
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    tiles = meta.query_tiles
+    if tiles is None:
+        raise ValueError("paged_prefill needs meta.query_tiles (AttentionMetadata.build)")
     out = torch.empty_like(q)
     tables = meta.block_tables
     _prefill_kernel[(tiles.shape[0], num_heads)](
@@ -317,9 +312,6 @@ def paged_prefill(
 
 
 class TritonAttention(AttentionBackend):
-    def __init__(self) -> None:
-        self._tiles_of: tuple[AttentionMetadata, torch.Tensor] | None = None
-
     def forward(
         self,
         q: torch.Tensor,
@@ -335,10 +327,4 @@ class TritonAttention(AttentionBackend):
         v_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         if meta.max_query_len == 1:
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-        return paged_prefill(q, k_cache, v_cache, meta, self._tiles(meta), scale)
-
-    def _tiles(self, meta: AttentionMetadata) -> torch.Tensor:
-        """The step's tile map, made at its first layer and kept for the others."""
-        if self._tiles_of is None or self._tiles_of[0] is not meta:
-            self._tiles_of = (meta, query_tiles(meta.query_lens_cpu, meta.seq_lens.device))
-        return self._tiles_of[1]
+        return paged_prefill(q, k_cache, v_cache, meta, scale)

@@ -83,12 +83,14 @@ def _tiny_llama() -> ModelConfig:
     )  # fmt: skip
 
 
-def _engine(graphs: bool, max_model_len: int = 512) -> Engine:
+def _engine(graphs: bool, max_model_len: int = 512, graph_tokens: tuple[int, ...] = ()) -> Engine:
     config = EngineConfig(
         max_num_seqs=8,
         max_model_len=max_model_len,
+        max_num_batched_tokens=256,
         kv_cache_bytes=256 << 20,
         cuda_graph_sizes=(1, 2, 4, 8) if graphs else (),
+        cuda_graph_tokens=graph_tokens,
     )
     return Engine.create(
         _tiny_llama(),  # type: ignore[arg-type]
@@ -116,6 +118,23 @@ def test_cuda_graph_decode_equals_eager() -> None:
     for graphs in (False, True):
         engine = _engine(graphs)
         assert bool(engine.runner._graphs) == graphs
+        results.append(_run(engine, prompts, params))
+        engine.kv_cache.check_integrity()
+        engine.close()
+    assert results[0] == results[1]
+
+
+def test_token_count_graphs_equal_eager() -> None:
+    """Steps with prefill chunks replayed from the token-count graphs (chunked prompts,
+    prompts arriving while others decode) give the eager path's greedy tokens."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [300, 3, 40, 64, 65, 130, 17]
+    prompts = [torch.randint(1, 500, (n,), generator=gen).tolist() for n in lengths]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    results = []
+    for tokens in ((), (16, 64, 128, 256)):
+        engine = _engine(True, graph_tokens=tokens)
+        assert bool(engine.runner._mixed_graphs) == bool(tokens)
         results.append(_run(engine, prompts, params))
         engine.kv_cache.check_integrity()
         engine.close()
