@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [N, bs, Hkv, D]
@@ -66,17 +67,26 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
         """Metadata for sequences whose last `query_lens[i]` tokens are computed this step."""
-        slots: list[int] = []
-        for q_len, s_len, blocks in zip(query_lens, seq_lens, block_tables, strict=True):
+        slots = np.empty(sum(query_lens), dtype=np.int64)
+        n = 0  # tokens so far
+        width = max((len(b) for b in block_tables), default=0)
+        table = np.zeros((len(block_tables), width), dtype=np.int32)
+        for i, (q_len, s_len, blocks) in enumerate(
+            zip(query_lens, seq_lens, block_tables, strict=True)
+        ):
             if not 0 < q_len <= s_len <= len(blocks) * block_size:
                 raise ValueError(
                     f"need 0 < query_len ({q_len}) <= seq_len ({s_len}) "
                     f"<= blocks * block_size ({len(blocks)} * {block_size})"
                 )
-            for pos in range(s_len - q_len, s_len):
-                slots.append(blocks[pos // block_size] * block_size + pos % block_size)
-        width = max((len(b) for b in block_tables), default=0)
-        table = [list(b) + [0] * (width - len(b)) for b in block_tables]
+            table[i, : len(blocks)] = blocks
+            if q_len == 1:  # a decode: one slot, cheaper in plain Python
+                pos = s_len - 1
+                slots[n] = blocks[pos // block_size] * block_size + pos % block_size
+            else:
+                p = np.arange(s_len - q_len, s_len)
+                slots[n : n + q_len] = table[i, p // block_size] * block_size + p % block_size
+            n += q_len
         starts = [0]
         for q_len in query_lens:
             starts.append(starts[-1] + q_len)
@@ -84,12 +94,10 @@ class AttentionMetadata:
         if max(query_lens, default=0) > 1:
             tiles = torch.tensor(query_tiles(query_lens), dtype=torch.int32, device=device)
         return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            slot_mapping=torch.from_numpy(slots).to(device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=device).reshape(
-                len(table), width
-            ),
+            block_tables=torch.from_numpy(table).to(device),
             block_size=block_size,
             query_lens_cpu=tuple(query_lens),
             seq_lens_cpu=tuple(seq_lens),
