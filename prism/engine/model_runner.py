@@ -310,13 +310,17 @@ class _MixedBuffers:
         for i, (req, count) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
             start = req.num_computed_tokens
             end = start + count
-            blocks = np.asarray(req.block_ids, dtype=np.int64)
-            p = np.arange(start, end)
-            ids[n : n + count] = req.token_ids[start:end]
-            pos[n : n + count] = p
-            slots[n : n + count] = blocks[p // bs] * bs + p % bs
-            lens[i] = end
+            blocks = req.block_ids
             tables[i, : len(blocks)] = blocks
+            if count == 1:  # a decode: plain Python is cheaper than numpy for one token
+                ids[n], pos[n] = req.token_ids[start], start
+                slots[n] = blocks[start // bs] * bs + start % bs
+            else:
+                p = np.arange(start, end)
+                ids[n : n + count] = req.token_ids[start:end]
+                pos[n : n + count] = p
+                slots[n : n + count] = tables[i, p // bs].astype(np.int64) * bs + p % bs
+            lens[i] = end
             for first in range(0, count, QUERY_TILE):
                 tiles[num_tiles] = (i, first)
                 num_tiles += 1
