@@ -29,6 +29,7 @@ from prism.memory import PagePool, make_vmm
 from prism.models.default import default_model_path
 from prism.server.admin_client import AdminClient, AdminError
 from prism.server.bench import add_bench_parser
+from prism.server.connection import DEFAULT_READ_TIMEOUT_S, http_protocol
 from prism.server.limits import DEFAULT_MAX_BODY_BYTES
 from prism.server.registry import ModelRegistry, ModelSpec, Registry, default_name
 from prism.server.top import add_top_parser
@@ -169,6 +170,8 @@ def _serve_registry(args: argparse.Namespace, registry: Registry) -> int:
     if isinstance(registry, ModelRegistry):  # a fleet's models load when the server starts
         for model in registry:
             print(f"  {model.name}: {model.state.value}", flush=True)
+    if args.read_timeout < 0:
+        raise SystemExit(f"prism serve: --read-timeout must be >= 0, got {args.read_timeout}")
     app = create_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     print(_banner(args, registry.models()[0].name), flush=True)
     uvicorn.run(
@@ -177,9 +180,9 @@ def _serve_registry(args: argparse.Namespace, registry: Registry) -> int:
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=5,  # then open streams are cancelled (and aborted)
-        # h11, whose 16 KiB bound on a request line and headers the tests check; "auto"
-        # would take httptools whenever it happens to be installed
-        http="h11",
+        # h11 (whose 16 KiB bound on a request line and headers the tests check; "auto"
+        # would take httptools whenever it happens to be installed), with read deadlines
+        http=http_protocol(args.read_timeout),
     )
     return 0
 
@@ -408,6 +411,15 @@ def _add_serve_parser(sub: Any, environ: Mapping[str, str]) -> None:
         default=DEFAULT_MAX_BODY_BYTES,
         metavar="SIZE",
         help=f"larger request bodies get 413 (default: {format_size(DEFAULT_MAX_BODY_BYTES)})",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a request head must arrive within this long of its first byte (or of the "
+        "connection), a body may pause this long between reads; then 408 and the "
+        f"connection is closed (default: {DEFAULT_READ_TIMEOUT_S:g}; 0: no deadline)",
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)

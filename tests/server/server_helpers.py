@@ -24,6 +24,7 @@ from prism.kvcache import ElasticKVCache, KVCacheConfig
 from prism.memory import PagePool, make_vmm
 from prism.models import ModelConfig, load_model
 from prism.server import ModelRegistry
+from prism.server.connection import DEFAULT_READ_TIMEOUT_S, http_protocol
 from prism.serving.async_worker import AsyncModel
 
 API_KEY = "test-key"
@@ -56,12 +57,17 @@ def run_server(app: FastAPI) -> Iterator[str]:
 
 
 @contextmanager
-def run_uvicorn(app: FastAPI) -> Iterator[tuple[str, uvicorn.Server]]:
-    """`run_server`, yielding the uvicorn server as well (h11, as `prism serve` runs it)."""
+def run_uvicorn(
+    app: FastAPI, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+) -> Iterator[tuple[str, uvicorn.Server]]:
+    """`run_server`, yielding the uvicorn server as well (h11 with read deadlines, as
+    `prism serve` runs it)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http="h11"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", http=http_protocol(read_timeout_s))
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

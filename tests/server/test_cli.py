@@ -7,7 +7,14 @@ import argparse
 
 import pytest
 
-from prism.cli import build_parser, model_specs, parse_model_spec, parse_size, worker_config
+from prism.cli import (
+    _serve_registry,
+    build_parser,
+    model_specs,
+    parse_model_spec,
+    parse_size,
+    worker_config,
+)
 from prism.models import default_model_path
 from prism.server import ModelSpec
 from prism.serving.worker import WorkerConfig, WorkerMode
@@ -30,6 +37,13 @@ def test_max_body_bytes_is_a_size_of_8_mib_by_default() -> None:
     assert build_parser({}).parse_args(["serve"]).max_body_bytes == 8 << 20
     args = build_parser({}).parse_args(["serve", "--max-body-bytes", "1MiB"])
     assert args.max_body_bytes == 1 << 20
+
+
+def test_read_timeout_is_30_s_by_default_and_never_negative() -> None:
+    assert build_parser({}).parse_args(["serve"]).read_timeout == 30.0
+    args = build_parser({}).parse_args(["serve", "--read-timeout", "-1"])
+    with pytest.raises(SystemExit, match="--read-timeout must be >= 0, got -1"):
+        _serve_registry(args, None)  # type: ignore[arg-type]
 
 
 def test_model_specs_with_and_without_names() -> None:

@@ -1,7 +1,7 @@
 """Slow and stalled clients: a client that stops reading its stream is held back (the
 server buffers a bounded amount for it), stalls no one, and is aborted when it leaves;
 connections that send their request head a byte at a time (slowloris) do not keep the
-server from serving others."""
+server from serving others (and are closed at the read deadline: test_read_deadline.py)."""
 
 from __future__ import annotations
 
@@ -104,8 +104,8 @@ def test_slowloris_connections_do_not_block_others(
 ) -> None:
     """Twenty connections send a request head a byte every 0.2 s for 6 s or more (past
     uvicorn's 5 s keep-alive timeout, which does not apply before a first request);
-    meanwhile completions and /health are answered within the bound. They are not cut
-    off: uvicorn has no timeout for reading a request head (docs/reliability.md)."""
+    meanwhile completions and /health are answered within the bound. Within the read
+    deadline (30 s here) they stay open; `test_read_deadline.py` checks the cut."""
     head = request_head("/v1/completions", "X-Padding: " + "a" * 100)
     socks = [connect(server) for _ in range(SLOW_CONNECTIONS)]
     latencies = []
