@@ -170,8 +170,10 @@ def _serve_registry(args: argparse.Namespace, registry: Registry) -> int:
     if isinstance(registry, ModelRegistry):  # a fleet's models load when the server starts
         for model in registry:
             print(f"  {model.name}: {model.state.value}", flush=True)
-    if args.read_timeout < 0:
-        raise SystemExit(f"prism serve: --read-timeout must be >= 0, got {args.read_timeout}")
+    try:
+        protocol = http_protocol(args.read_timeout, args.max_connections)
+    except ValueError as e:
+        raise SystemExit(f"prism serve: {e}") from e
     app = create_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     print(_banner(args, registry.models()[0].name), flush=True)
     uvicorn.run(
@@ -182,7 +184,7 @@ def _serve_registry(args: argparse.Namespace, registry: Registry) -> int:
         timeout_graceful_shutdown=5,  # then open streams are cancelled (and aborted)
         # h11 (whose 16 KiB bound on a request line and headers the tests check; "auto"
         # would take httptools whenever it happens to be installed), with read deadlines
-        http=http_protocol(args.read_timeout),
+        http=protocol,
     )
     return 0
 
@@ -420,6 +422,14 @@ def _add_serve_parser(sub: Any, environ: Mapping[str, str]) -> None:
         help="a request head must arrive within this long of its first byte (or of the "
         "connection), a body may pause this long between reads; then 408 and the "
         f"connection is closed (default: {DEFAULT_READ_TIMEOUT_S:g}; 0: no deadline)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="connections beyond N open ones get 503 and are closed at once (default: "
+        "no bound; each idle or slow one lasts until its read deadline)",
     )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)

@@ -1,4 +1,4 @@
-"""A read deadline for HTTP connections: a client that owes the server a request must send it.
+"""Read deadlines and a bound on connections: a client that owes a request must send it.
 
 uvicorn's h11 protocol has a keep-alive timeout that runs only between requests and
 stops at the next byte, and no timeout for reading a request: a connection that sends
@@ -14,8 +14,11 @@ uvicorn's h11 protocol with the deadlines a reverse proxy would apply:
   as it takes, and between requests uvicorn's keep-alive timeout applies.
 
 A connection past its deadline gets a 408 in the API's error shape when no response
-has started, and is closed. uvicorn is pinned (pyproject.toml): this subclasses its
-`H11Protocol`, which `uvicorn.Config(http=...)` accepts as the HTTP protocol class.
+has started, and is closed. With `max_connections`, a connection beyond that many open
+ones gets a 503 at once and is closed (uvicorn's own `limit_concurrency` accepts it and
+answers each of its requests with 503, holding it open meanwhile). uvicorn is pinned
+(pyproject.toml): this subclasses its `H11Protocol`, which `uvicorn.Config(http=...)`
+accepts as the HTTP protocol class.
 """
 
 from __future__ import annotations
@@ -32,16 +35,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_READ_TIMEOUT_S = 30.0
 
 
-def _timeout_response(seconds: float) -> bytes:
-    body = json.dumps({"error": {
-        "message": f"the request did not arrive within {seconds:g} s; the connection is closed",
-        "type": "request_timeout", "param": None, "code": "request_timeout",
-    }}).encode()  # fmt: skip
+def _closing_response(status: str, message: str, code: str) -> bytes:
+    """A whole response written before closing (h11 can send none before a request)."""
+    body = json.dumps({"error": {"message": message, "type": code, "param": None,
+                                 "code": code}}).encode()  # fmt: skip
     head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
         f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
+
+
+def _timeout_response(seconds: float) -> bytes:
+    message = f"the request did not arrive within {seconds:g} s; the connection is closed"
+    return _closing_response("408 Request Timeout", message, "request_timeout")
 
 
 class ReadDeadlineProtocol(H11Protocol):
@@ -49,6 +56,7 @@ class ReadDeadlineProtocol(H11Protocol):
     come from the subclass `http_protocol` makes."""
 
     read_timeout_s = DEFAULT_READ_TIMEOUT_S
+    max_connections: int | None = None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -56,7 +64,12 @@ class ReadDeadlineProtocol(H11Protocol):
         self.timed_out = False  # for tests and logs
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(transport)  # counts it in self.connections
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            message = f"the server holds its limit of {self.max_connections} connections"
+            transport.write(_closing_response("503 Service Unavailable", message, "overloaded"))
+            transport.close()
+            return
         self._arm()  # the first request is owed from the start
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -111,8 +124,14 @@ class ReadDeadlineProtocol(H11Protocol):
         self.transport.close()
 
 
-def http_protocol(read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> type[ReadDeadlineProtocol]:
-    """The protocol class for `uvicorn.Config(http=...)`; 0 turns the deadlines off."""
+def http_protocol(
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, max_connections: int | None = None
+) -> type[ReadDeadlineProtocol]:
+    """The protocol class for `uvicorn.Config(http=...)`; a 0 s timeout turns the
+    deadlines off, `max_connections` None leaves the count of connections unbounded."""
     if read_timeout_s < 0:
         raise ValueError(f"read timeout must be >= 0 seconds, got {read_timeout_s}")
-    return type("ReadDeadlineProtocol", (ReadDeadlineProtocol,), {"read_timeout_s": read_timeout_s})
+    if max_connections is not None and max_connections < 1:
+        raise ValueError(f"max connections must be at least 1, got {max_connections}")
+    settings = {"read_timeout_s": read_timeout_s, "max_connections": max_connections}
+    return type("ReadDeadlineProtocol", (ReadDeadlineProtocol,), settings)

@@ -58,7 +58,7 @@ def run_server(app: FastAPI) -> Iterator[str]:
 
 @contextmanager
 def run_uvicorn(
-    app: FastAPI, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    app: FastAPI, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, max_connections: int | None = None
 ) -> Iterator[tuple[str, uvicorn.Server]]:
     """`run_server`, yielding the uvicorn server as well (h11 with read deadlines, as
     `prism serve` runs it)."""
@@ -66,7 +66,9 @@ def run_uvicorn(
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", http=http_protocol(read_timeout_s))
+        uvicorn.Config(
+            app, log_level="warning", http=http_protocol(read_timeout_s, max_connections)
+        )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -39,10 +39,13 @@ def test_max_body_bytes_is_a_size_of_8_mib_by_default() -> None:
     assert args.max_body_bytes == 1 << 20
 
 
-def test_read_timeout_is_30_s_by_default_and_never_negative() -> None:
+def test_read_timeout_and_connection_bound_are_checked() -> None:
     assert build_parser({}).parse_args(["serve"]).read_timeout == 30.0
     args = build_parser({}).parse_args(["serve", "--read-timeout", "-1"])
-    with pytest.raises(SystemExit, match="--read-timeout must be >= 0, got -1"):
+    with pytest.raises(SystemExit, match="read timeout must be >= 0 seconds, got -1"):
+        _serve_registry(args, None)  # type: ignore[arg-type]
+    args = build_parser({}).parse_args(["serve", "--max-connections", "0"])
+    with pytest.raises(SystemExit, match="max connections must be at least 1, got 0"):
         _serve_registry(args, None)  # type: ignore[arg-type]
 
 

@@ -149,7 +149,33 @@ def test_clients_within_the_deadlines_are_served_on_one_connection(url: str) -> 
             time.sleep(DEADLINE_S * 0.6)
 
 
+def test_connections_beyond_the_bound_get_503_and_are_closed() -> None:
+    """With room for two, a third connection is answered 503 and closed at once; when
+    one of the two leaves, the next is served."""
+    with run_uvicorn(_app(), read_timeout_s=10.0, max_connections=2) as (base, server):
+        first, second = _connect(base), _connect(base)
+        try:
+            deadline = time.monotonic() + 5
+            while len(server.server_state.connections) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with _connect(base) as third:
+                reply = _read_all(third)
+            assert reply.startswith(b"HTTP/1.1 503"), reply[:200]
+            assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "overloaded"
+            first.close()
+            deadline = time.monotonic() + 5
+            while len(server.server_state.connections) > 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with httpx.Client(timeout=10) as client:
+                assert client.post(f"{base}/echo", content=b"abc").json() == {"bytes": 3}
+        finally:
+            first.close()
+            second.close()
+
+
 def test_zero_turns_the_deadlines_off_and_negative_is_refused() -> None:
     assert http_protocol(0.0).read_timeout_s == 0.0
     with pytest.raises(ValueError, match="read timeout must be >= 0"):
         http_protocol(-1.0)
+    with pytest.raises(ValueError, match="max connections must be at least 1"):
+        http_protocol(1.0, 0)
