@@ -161,15 +161,20 @@ class ModelRunner:
 
 
 class _DecodeBuffers:
-    """Static decode inputs at the largest graph size, staged from pinned host memory."""
+    """Static decode inputs at the largest graph size, staged from host memory (pinned on
+    CUDA). A row's block table is written in full only when the row changes hands; while
+    the same request keeps it, only the blocks appended since the last step (a running
+    request's block list only grows, and a preempted one gets a new list)."""
 
     def __init__(
         self, max_batch: int, max_blocks: int, block_size: int, device: torch.device
     ) -> None:
         self.block_size = block_size
+        pin = device.type == "cuda"
 
         def pinned(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype).pin_memory()
+            host = torch.zeros(shape, dtype=dtype)
+            return host.pin_memory() if pin else host
 
         self.host_ids = pinned(max_batch, dtype=torch.long)
         self.host_pos = pinned(max_batch, dtype=torch.long)
@@ -184,7 +189,9 @@ class _DecodeBuffers:
         self.starts = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.logits: dict[int, torch.Tensor] = {}
         self._tables_np = self.host_tables.numpy()
-        self._width = 0  # table columns that may hold stale ids from the last step
+        # per row: the block list it was staged from (kept alive, so its identity is
+        # never reused) and how many of its entries the row holds
+        self._rows: list[tuple[list[int] | None, int]] = [(None, 0)] * max_batch
 
     def meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -201,9 +208,7 @@ class _DecodeBuffers:
         """Fill rows 0..size-1 (real requests, then padding) and copy them to the device."""
         ids, pos = self.host_ids.numpy(), self.host_pos.numpy()
         slots, lens = self.host_slots.numpy(), self.host_lens.numpy()
-        tables, bs = self._tables_np, self.block_size
-        width = self._width  # zero what the last step wrote, then write this step's rows
-        tables[:size, :width] = 0
+        tables, bs, rows = self._tables_np, self.block_size, self._rows
         for i, req in enumerate(requests):
             p = req.num_tokens - 1  # the newest token is the one to compute
             blocks = req.block_ids
@@ -211,18 +216,23 @@ class _DecodeBuffers:
             pos[i] = p
             lens[i] = p + 1
             slots[i] = blocks[p // bs] * bs + p % bs
-            tables[i, : len(blocks)] = blocks
-            width = max(width, len(blocks))
+            staged, written = rows[i]
+            if staged is not blocks or written > len(blocks):
+                written = 0  # another request's row (entries past its own are never read)
+            if written < len(blocks):
+                tables[i, written : len(blocks)] = blocks[written:]
+            rows[i] = (blocks, len(blocks))
         n = len(requests)
         ids[n:size] = pos[n:size] = slots[n:size] = 0  # padding: slot 0 of block 0
         lens[n:size] = 1
-        self._width = max(len(r.block_ids) for r in requests)
+        tables[n:size, 0] = 0
+        rows[n:size] = [(None, 0)] * (size - n)
         for dst, src in (
             (self.ids, self.host_ids), (self.pos, self.host_pos),
             (self.slots, self.host_slots), (self.seq_lens, self.host_lens),
+            (self.tables, self.host_tables),  # whole rows: one contiguous copy
         ):  # fmt: skip
             dst[:size].copy_(src[:size], non_blocking=True)
-        self.tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
 
 
 class _MixedBuffers:

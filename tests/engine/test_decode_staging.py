@@ -1,0 +1,68 @@
+"""The decode graphs' static inputs (`_DecodeBuffers.stage`), on the CPU: after every step
+of requests growing, leaving, being preempted (a new block list) and changing rows, each
+real row holds exactly its request's inputs and blocks, and each padded row reads the
+padding block — the same as staging every row from scratch."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from prism.engine import SamplingParams
+from prism.engine.model_runner import _DecodeBuffers
+from prism.engine.request import Request
+
+BS = 4  # tokens per block
+
+
+def _request(rng: random.Random, i: int) -> Request:
+    n = rng.randrange(1, 40)
+    req = Request(f"r{i}", list(range(n)), SamplingParams())
+    req.token_ids = [rng.randrange(1000) for _ in range(n)]
+    req.block_ids = [rng.randrange(1, 500) for _ in range(-(-n // BS))]
+    return req
+
+
+def _grow(rng: random.Random, req: Request) -> None:
+    """One decoded token: a new block when the last one is full (appended in place)."""
+    req.token_ids.append(rng.randrange(1000))
+    if len(req.token_ids) > len(req.block_ids) * BS:
+        req.block_ids.append(rng.randrange(1, 500))
+
+
+def test_staged_rows_equal_a_fresh_staging_after_every_step() -> None:
+    rng = random.Random(0)
+    max_batch, max_blocks = 16, 64
+    buffers = _DecodeBuffers(max_batch, max_blocks, BS, torch.device("cpu"))
+    running = [_request(rng, i) for i in range(10)]
+    made = len(running)
+    for _ in range(300):
+        for req in running:
+            _grow(rng, req)
+        event = rng.random()
+        if event < 0.1 and running:  # one leaves
+            running.pop(rng.randrange(len(running)))
+        elif event < 0.2 and len(running) < max_batch:  # one arrives
+            running.insert(rng.randrange(len(running) + 1), _request(rng, made))
+            made += 1
+        elif event < 0.3 and running:  # preempted and resumed: a new block list
+            req = rng.choice(running)
+            req.block_ids = [rng.randrange(1, 500) for _ in req.block_ids]
+        elif event < 0.4:  # the scheduler orders them differently
+            rng.shuffle(running)
+        running = [r for r in running if len(r.block_ids) < max_blocks]
+        if not running:
+            running = [_request(rng, made)]
+            made += 1
+        size = min(s for s in (1, 2, 4, 8, 16) if s >= len(running))
+        buffers.stage(running, size)
+        tables = buffers.tables.numpy()
+        for i, req in enumerate(running):
+            p = req.num_tokens - 1
+            assert buffers.ids[i] == req.token_ids[p] and buffers.pos[i] == p
+            assert buffers.seq_lens[i] == p + 1
+            assert buffers.slots[i] == req.block_ids[p // BS] * BS + p % BS
+            assert tables[i, : len(req.block_ids)].tolist() == req.block_ids
+        for i in range(len(running), size):  # padding: one token in block 0, slot 0
+            assert buffers.seq_lens[i] == 1 and buffers.slots[i] == 0 and tables[i, 0] == 0
