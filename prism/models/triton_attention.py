@@ -37,6 +37,23 @@ try:
 except ImportError:  # pragma: no cover - CPU machines have no Triton
     triton = None
 
+if triton is not None:
+
+    @triton.jit
+    def _cache_tile(  # type: ignore[no-untyped-def]
+        cache_ptr, block, slot, kv_head, stride_b, stride_s, stride_h, offs_d, mask
+    ):
+        """[N, D]: one KV head's cache entries at the (block, slot) of N positions."""
+        return tl.load(
+            cache_ptr
+            + block[:, None] * stride_b
+            + slot[:, None] * stride_s
+            + kv_head * stride_h
+            + offs_d[None, :],
+            mask=mask[:, None],
+            other=0.0,
+        )
+
 
 def _build_decode_kernels() -> tuple[Any, Any]:
     @triton.jit
@@ -75,23 +92,11 @@ def _build_decode_kernels() -> tuple[Any, Any]:
             tmask = pos < last
             block = tl.load(tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=tmask, other=0)
             slot = pos % BLOCK_SIZE
-            k = tl.load(  # [TILE, D]
-                k_cache_ptr
-                + block[:, None] * stride_kb
-                + slot[:, None] * stride_ks
-                + kv_head * stride_kh
-                + offs_d[None, :],
-                mask=tmask[:, None],
-                other=0.0,
+            k = _cache_tile(  # [TILE, D]
+                k_cache_ptr, block, slot, kv_head, stride_kb, stride_ks, stride_kh, offs_d, tmask
             )
-            v = tl.load(
-                v_cache_ptr
-                + block[:, None] * stride_vb
-                + slot[:, None] * stride_vs
-                + kv_head * stride_vh
-                + offs_d[None, :],
-                mask=tmask[:, None],
-                other=0.0,
+            v = _cache_tile(
+                v_cache_ptr, block, slot, kv_head, stride_vb, stride_vs, stride_vh, offs_d, tmask
             )
             s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, TILE]
             s = tl.where(tmask[None, :], s, float("-inf"))
@@ -238,23 +243,11 @@ def _build_prefill_kernel() -> Any:
             cols = pos < kv_end
             block = tl.load(tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=cols, other=0)
             slot = pos % BLOCK_SIZE
-            k = tl.load(  # [BLOCK_N, D]
-                k_cache_ptr
-                + block[:, None] * stride_kb
-                + slot[:, None] * stride_ks
-                + kv_head * stride_kh
-                + offs_d[None, :],
-                mask=cols[:, None],
-                other=0.0,
+            k = _cache_tile(  # [BLOCK_N, D]
+                k_cache_ptr, block, slot, kv_head, stride_kb, stride_ks, stride_kh, offs_d, cols
             )
-            v = tl.load(
-                v_cache_ptr
-                + block[:, None] * stride_vb
-                + slot[:, None] * stride_vs
-                + kv_head * stride_vh
-                + offs_d[None, :],
-                mask=cols[:, None],
-                other=0.0,
+            v = _cache_tile(
+                v_cache_ptr, block, slot, kv_head, stride_vb, stride_vs, stride_vh, offs_d, cols
             )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where((pos[None, :] <= q_pos[:, None]) & cols[None, :], s, float("-inf"))
