@@ -11,7 +11,8 @@
 #   wake        benchmarks/bench_worker.py: wake latency against the H2D floor, steady
 #   multimodel  benchmarks/bench_multimodel.py: 8 models at 80 GiB; MODES (default
 #               prism,static,swap) and SLOS (a JSON of solo SLOs from an earlier call, put
-#               under .traces/ and carried) split it over calls: a mode takes ~5-9 min
+#               under .traces/ and carried) split it over calls: a mode takes ~5-9 min;
+#               MM_ARGS adds options (e.g. "--seconds 30 --grace 15 --solo-seconds 15")
 #   memory      benchmarks/bench_memory.py on one pinned core (driver floor, moves, p99s)
 #   validate    benchmarks/validate_sim.py: the simulator against the live worker
 #               (GRAPH_TOKENS, e.g. 64,128,256,512,1024,2048: graphs for prefill steps)
@@ -56,8 +57,9 @@ for part in "$@"; do
             python benchmarks/bench_worker.py --parts wake,steady --out "$OUT/bench_worker_h200.json"
             ;;
         multimodel)
+            # shellcheck disable=SC2086  # MM_ARGS is a list of options
             python benchmarks/bench_multimodel.py --traces "$TRACES" \
-                --modes "${MODES:-prism,static,swap}" ${SLOS:+--slos "$SLOS"} \
+                --modes "${MODES:-prism,static,swap}" ${SLOS:+--slos "$SLOS"} ${MM_ARGS:-} \
                 --out "$OUT/bench_multimodel_h200.json"
             ;;
         memory)
