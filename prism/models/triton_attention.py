@@ -156,7 +156,7 @@ def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     if index not in _sm_count:
         _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
     wanted = 2 * _sm_count[index] // max(1, batch * num_kv_heads)
-    return 1 if wanted < 2 else min(32, triton.next_power_of_2(wanted))
+    return 1 if wanted < 2 else min(32, 1 << (wanted - 1).bit_length())  # a power of two
 
 
 def paged_decode(

@@ -66,3 +66,17 @@ def test_staged_rows_equal_a_fresh_staging_after_every_step() -> None:
             assert tables[i, : len(req.block_ids)].tolist() == req.block_ids
         for i in range(len(running), size):  # padding: one token in block 0, slot 0
             assert buffers.seq_lens[i] == 1 and buffers.slots[i] == 0 and tables[i, 0] == 0
+
+
+def test_decode_splits_fill_the_sms_for_small_batches_only() -> None:
+    """Two waves over 132 SMs: batch 1 of 8 KV heads splits 32 ways (the most), batch 8
+    four ways, batch 32 not at all; always a power of two (the merge kernel's tile)."""
+    from prism.models import triton_attention
+
+    device = torch.device("cuda", 0)
+    triton_attention._sm_count[0] = 132  # an H200's; no CUDA needed to choose
+    try:
+        splits = {b: triton_attention.decode_splits(b, 8, device) for b in (1, 2, 4, 8, 16, 32)}
+    finally:
+        del triton_attention._sm_count[0]
+    assert splits == {1: 32, 2: 16, 4: 8, 8: 4, 16: 2, 32: 1}
