@@ -19,6 +19,7 @@ import os
 import random
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,6 +118,45 @@ def decode(config: ModelConfig, ceil: dict[str, float], batches: list[int], ctx:
             engine.abort(i)
     engine.close()
     return rows
+
+
+def host_profile(config: ModelConfig, batch: int, ctx: int, steps: int = 50) -> dict[str, Any]:
+    """Where the host's time goes in decode steps at `batch` (cProfile over `steps` steps,
+    the graph replay included): the functions with the most time of their own."""
+    import cProfile
+    import pstats
+
+    engine = make_engine(
+        config, max_num_seqs=batch, max_model_len=ctx + 256, max_num_batched_tokens=8192,
+        kv_cache_bytes=40 * GiB, prefix_caching=False,
+    )  # fmt: skip
+    rng = random.Random(3)
+    params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request([rng.randrange(config.vocab_size) for _ in range(ctx)], params)
+    while any(r.num_output_tokens == 0 for r in engine.scheduler.running) or (
+        engine.scheduler.waiting
+    ):
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    profile = cProfile.Profile()
+    t = time.perf_counter()
+    profile.enable()
+    for _ in range(steps):
+        engine.step()
+    profile.disable()
+    step_s = (time.perf_counter() - t) / steps
+    rows = []
+    for (path, line, name), entry in pstats.Stats(profile).stats.items():  # type: ignore[attr-defined]
+        calls, own, total = entry[1], entry[2], entry[3]
+        rows.append({"function": f"{Path(path).name}:{line}({name})",
+                     "calls": calls // steps, "own_ms": own / steps * 1e3,
+                     "cumulative_ms": total / steps * 1e3})  # fmt: skip
+    rows.sort(key=lambda r: -r["own_ms"])
+    engine.close()
+    return {"batch": batch, "ctx": ctx, "step_ms_profiled": step_s * 1e3,
+            "top_own_ms_per_step": rows[:25]}  # fmt: skip
 
 
 def prefill(
@@ -279,7 +319,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench_engine.json")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--parts", default="decode,prefill,offline")
+    parser.add_argument("--parts", default="decode,prefill,offline", help="also: hostprofile")
     parser.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b", help="offline models")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -297,6 +337,8 @@ def main() -> None:
         # Long contexts at small batches: where attention, not the weights, sets the pace
         # unless each context is split over programs (flash-decoding).
         results["decode_8b_long"] = decode(big, ceil, [1, 8], ctx=8192)
+    if "hostprofile" in parts:
+        results["host_profile_8b"] = host_profile(big, 128, 512)
     if "prefill" in parts:
         results["prefill_8b"] = prefill(big, ceil, [512, 2048, 8192])
         # The same steps replayed from token-count graphs, and a small model's short
@@ -335,6 +377,12 @@ def main() -> None:
         print(f"decode 8B ctx {r['ctx']:>4} batch {r['batch']:>3}: step {r['step_ms']:6.2f} ms, "
               f"graph {r['graph_ms']:6.2f} ms vs floor {r['floor_ms']:6.2f} ms = "
               f"{r['over_floor']:.2f}x / {r['graph_over_floor']:.2f}x")  # fmt: skip
+    if "host_profile_8b" in results:
+        hp = results["host_profile_8b"]
+        print(f"host profile, decode 8B batch {hp['batch']}: {hp['step_ms_profiled']:.2f} ms a "
+              "step under cProfile; most time of their own (ms a step):")  # fmt: skip
+        for row in hp["top_own_ms_per_step"][:12]:
+            print(f"  {row['own_ms']:7.3f}  {row['function']}")
     for key in ("prefill_8b", "prefill_8b_graph", "prefill_1b", "prefill_1b_graph"):
         for r in results.get(key, []):
             print(f"prefill {key[8:]:>8} {r['tokens']:>5} tokens: {r['step_ms']:7.1f} ms, "

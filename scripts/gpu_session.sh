@@ -6,7 +6,8 @@
 #   tests       every `-m gpu` test (pool, caches, kernels, engine, worker, chaos) →
 #               gpu_tests_h200.json (outcomes, the chaos figures); the modules that
 #               import the server hold none and need fastapi and openai (not in the image)
-#   engine      benchmarks/bench_engine.py: decode/prefill against the floor, offline
+#   engine      benchmarks/bench_engine.py: decode/prefill against the floor, the host's
+#               share of a batch-128 decode step, offline (ENGINE_PARTS picks)
 #   worker      benchmarks/bench_worker.py: overlap of co-located models, shift at 3 rates
 #   wake        benchmarks/bench_worker.py: wake latency against the H2D floor, steady
 #   multimodel  benchmarks/bench_multimodel.py: 8 models at 80 GiB; MODES (default
@@ -47,7 +48,8 @@ for part in "$@"; do
             python scripts/gpu_test_report.py "$OUT/gpu_tests.xml" "$OUT/gpu_tests_h200.json"
             ;;
         engine)
-            python benchmarks/bench_engine.py --trace "$azure" --out "$OUT/bench_engine_h200.json"
+            python benchmarks/bench_engine.py --trace "$azure" --out "$OUT/bench_engine_h200.json" \
+                --parts "${ENGINE_PARTS:-decode,hostprofile,prefill,offline}"
             ;;
         worker)
             python benchmarks/bench_worker.py --parts overlap,shift --rates 8,11,14 \
