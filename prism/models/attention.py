@@ -85,7 +85,8 @@ class AttentionMetadata:
                 slots[n] = blocks[pos // block_size] * block_size + pos % block_size
             else:
                 p = np.arange(s_len - q_len, s_len)
-                slots[n : n + q_len] = table[i, p // block_size] * block_size + p % block_size
+                blocks_of = table[i, p // block_size].astype(np.int64)
+                slots[n : n + q_len] = blocks_of * block_size + p % block_size
             n += q_len
         starts = [0]
         for q_len in query_lens:
