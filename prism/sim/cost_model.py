@@ -172,7 +172,9 @@ class Calibration:
             if decode:
                 # One model's rows: overhead and host work per sequence (a fixed term
                 # would take the whole step from this one model, and not carry to others).
-                overhead, per_seq = _fit_decode_one_model(gpu_from_results(root), decode)
+                _, overhead, _, per_seq = _fit_decode(
+                    gpu_from_results(root), decode, rooflines=("max",), fixed_term=False
+                )
                 found.update(decode_overhead=overhead, seq_fixed_s=per_seq)
             prefill = [(r["tokens"], r["of_matmul_rate"]) for r in data.get("prefill_8b", [])]
             if prefill:
@@ -233,22 +235,26 @@ class Calibration:
 
 
 def _fit_decode(
-    gpu: GPUSpec, decode: Sequence[tuple[ModelShape, int, int, float]]
+    gpu: GPUSpec,
+    decode: Sequence[tuple[ModelShape, int, int, float]],
+    rooflines: Sequence[str] = ("max", "sum"),
+    fixed_term: bool = True,
 ) -> tuple[str, float, float, float]:
     """(roofline, overhead, step_fixed_s, seq_fixed_s) of decode = overhead × floor +
-    step_fixed_s + seq_fixed_s × batch: least squares on the relative error, for either
-    roofline and with or without each host-work term; the closest fit with no negative
-    term wins."""
+    step_fixed_s + seq_fixed_s × batch: least squares on the relative error, for each
+    roofline and with or without each host-work term (`fixed_term=False`: never a
+    step_fixed_s); the closest fit with no negative term wins."""
     measured = np.array([t for *_, t in decode])
     batch = np.array([b for _, b, _, _ in decode], dtype=float)
     best: tuple[float, str, dict[int, float]] | None = None
-    for roofline in ("max", "sum"):
+    keeps = ([0], [0, 1], [0, 2], [0, 1, 2]) if fixed_term else ([0], [0, 2])
+    for roofline in rooflines:
         floors = CostModel(
             gpu, Calibration(decode_overhead=1.0, seq_fixed_s=0.0, roofline=roofline)
         )
         floor = np.array([floors.decode_s(s, b, kv) for s, b, kv, _ in decode])
         columns = np.stack([floor, np.ones_like(floor), batch], axis=1) / measured[:, None]
-        for keep in ([0], [0, 1], [0, 2], [0, 1, 2]):
+        for keep in keeps:
             coef = np.linalg.lstsq(columns[:, keep], np.ones(len(decode)), rcond=None)[0]
             error = float(np.sum((columns[:, keep] @ coef - 1.0) ** 2))
             if (coef >= 0).all() and (best is None or error < best[0]):
@@ -256,22 +262,6 @@ def _fit_decode(
     assert best is not None, "no decode samples"
     _, roofline, terms = best
     return roofline, terms[0], terms.get(1, 0.0), terms.get(2, 0.0)
-
-
-def _fit_decode_one_model(
-    gpu: GPUSpec, decode: Sequence[tuple[ModelShape, int, int, float]]
-) -> tuple[float, float]:
-    """(overhead, seq_fixed_s) of decode = overhead × floor + seq_fixed_s × batch (the
-    max roofline): least squares on the relative error, per-sequence work kept ≥ 0."""
-    floors = CostModel(gpu, Calibration(decode_overhead=1.0, seq_fixed_s=0.0))
-    measured = np.array([t for *_, t in decode])
-    floor = np.array([floors.decode_s(s, b, kv) for s, b, kv, _ in decode])
-    batch = np.array([b for _, b, _, _ in decode], dtype=float)
-    columns = np.stack([floor, batch], axis=1) / measured[:, None]
-    overhead, per_seq = np.linalg.lstsq(columns, np.ones(len(decode)), rcond=None)[0]
-    if per_seq < 0:
-        return float(np.mean(measured / floor)), 0.0
-    return float(overhead), float(per_seq)
 
 
 def _fit_prefill(
