@@ -24,7 +24,13 @@ import torch
 
 from prism.engine.request import Request
 from prism.engine.scheduler import ScheduledBatch
-from prism.models.attention import QUERY_TILE, AttentionMetadata, KVCache
+from prism.models.attention import (
+    QUERY_TILE,
+    AttentionMetadata,
+    KVCache,
+    fill_slots,
+    query_tiles,
+)
 from prism.models.llama import LlamaModel
 
 
@@ -160,6 +166,12 @@ class ModelRunner:
         return buf.logits[size][:n]
 
 
+def _host_zeros(*shape: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """A host staging buffer: pinned (page-locked) for CUDA, so copies from it are DMA."""
+    host = torch.zeros(shape, dtype=dtype)
+    return host.pin_memory() if pin else host
+
+
 class _DecodeBuffers:
     """Static decode inputs at the largest graph size, staged from host memory (pinned on
     CUDA). A row's block table is written in full only when the row changes hands; while
@@ -170,11 +182,7 @@ class _DecodeBuffers:
         self, max_batch: int, max_blocks: int, block_size: int, device: torch.device
     ) -> None:
         self.block_size = block_size
-        pin = device.type == "cuda"
-
-        def pinned(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-            host = torch.zeros(shape, dtype=dtype)
-            return host.pin_memory() if pin else host
+        pinned = partial(_host_zeros, pin=device.type == "cuda")
 
         self.host_ids = pinned(max_batch, dtype=torch.long)
         self.host_pos = pinned(max_batch, dtype=torch.long)
@@ -248,16 +256,14 @@ class _MixedBuffers:
     ) -> None:  # fmt: skip
         if max_seqs < 1:
             raise ValueError(f"max_seqs must be at least 1, got {max_seqs}")
-        self.max_tokens, self.max_seqs, self.block_size = max_tokens, max_seqs, block_size
+        self.max_seqs, self.block_size = max_seqs, block_size
         self.graph_tokens: list[int] = []  # the captured sizes
         self.logits: dict[int, torch.Tensor] = {}
         pin = device.type == "cuda"
 
         def pair(*shape: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-            host = torch.zeros(shape, dtype=dtype)
-            return (host.pin_memory() if pin else host), torch.zeros(
-                shape, dtype=dtype, device=device
-            )
+            host = _host_zeros(*shape, dtype=dtype, pin=pin)
+            return host, torch.zeros(shape, dtype=dtype, device=device)
 
         self.host_ids, self.ids = pair(max_tokens, dtype=torch.long)
         self.host_pos, self.pos = pair(max_tokens, dtype=torch.long)
@@ -314,7 +320,6 @@ class _MixedBuffers:
         )
         bs = self.block_size
         n = 0  # tokens so far
-        num_tiles = 0
         sampling: list[int] = []
         starts[0] = 0
         for i, (req, count) in enumerate(zip(batch.requests, batch.num_tokens, strict=True)):
@@ -324,22 +329,20 @@ class _MixedBuffers:
             tables[i, : len(blocks)] = blocks
             if count == 1:  # a decode: plain Python is cheaper than numpy for one token
                 ids[n], pos[n] = req.token_ids[start], start
-                slots[n] = blocks[start // bs] * bs + start % bs
             else:
-                p = np.arange(start, end)
                 ids[n : n + count] = req.token_ids[start:end]
-                pos[n : n + count] = p
-                slots[n : n + count] = tables[i, p // bs].astype(np.int64) * bs + p % bs
+                pos[n : n + count] = np.arange(start, end)
+            fill_slots(slots, n, blocks, tables[i], start, end, bs)
             lens[i] = end
-            for first in range(0, count, QUERY_TILE):
-                tiles[num_tiles] = (i, first)
-                num_tiles += 1
             n += count
             starts[i + 1] = n
             if end == req.num_tokens:
                 rows[len(sampling)] = n - 1
                 sampling.append(i)
         ids[n:tokens] = pos[n:tokens] = slots[n:tokens] = 0
+        step_tiles = query_tiles(batch.num_tokens)
+        num_tiles = len(step_tiles)
+        tiles[:num_tiles] = step_tiles
         seqs = len(batch)
         lens[seqs:] = 0  # the rest, and the empty sequence, have no queries
         starts[seqs + 1 :] = n
@@ -354,8 +357,7 @@ class _MixedBuffers:
             (self.starts, self.host_starts, seq_rows + 1),
             (self.tiles, self.host_tiles, self.max_tiles(tokens)),
             (self.rows, self.host_rows, self.num_rows(tokens)),
+            (self.tables, self.host_tables, seqs),  # whole rows: one contiguous copy
         ):
             dst[:count].copy_(src[:count], non_blocking=True)
-        width = max(len(r.block_ids) for r in batch.requests)
-        self.tables[:seqs, :width].copy_(self.host_tables[:seqs, :width], non_blocking=True)
         return sampling

@@ -80,13 +80,7 @@ class AttentionMetadata:
                     f"<= blocks * block_size ({len(blocks)} * {block_size})"
                 )
             table[i, : len(blocks)] = blocks
-            if q_len == 1:  # a decode: one slot, cheaper in plain Python
-                pos = s_len - 1
-                slots[n] = blocks[pos // block_size] * block_size + pos % block_size
-            else:
-                p = np.arange(s_len - q_len, s_len)
-                blocks_of = table[i, p // block_size].astype(np.int64)
-                slots[n : n + q_len] = blocks_of * block_size + p % block_size
+            fill_slots(slots, n, blocks, table[i], s_len - q_len, s_len, block_size)
             n += q_len
         starts = [0]
         for q_len in query_lens:
@@ -104,6 +98,20 @@ class AttentionMetadata:
             seq_lens_cpu=tuple(seq_lens),
             query_tiles=tiles,
         )
+
+
+def fill_slots(
+    out: np.ndarray, at: int, blocks: Sequence[int], table_row: np.ndarray,
+    start: int, end: int, block_size: int,
+) -> None:  # fmt: skip
+    """out[at : at + end - start] = the cache slots of positions start..end-1 of a
+    sequence whose blocks are `blocks` (also laid out in `table_row`, an int32 row)."""
+    if end - start == 1:  # a decode: one slot, cheaper in plain Python
+        out[at] = blocks[start // block_size] * block_size + start % block_size
+    else:
+        p = np.arange(start, end)
+        chunk_blocks = table_row[p // block_size].astype(np.int64)
+        out[at : at + end - start] = chunk_blocks * block_size + p % block_size
 
 
 def query_tiles(query_lens: Sequence[int]) -> list[tuple[int, int]]:

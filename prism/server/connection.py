@@ -61,7 +61,6 @@ class ReadDeadlineProtocol(H11Protocol):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._deadline: asyncio.TimerHandle | None = None
-        self.timed_out = False  # for tests and logs
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # counts it in self.connections
@@ -115,7 +114,6 @@ class ReadDeadlineProtocol(H11Protocol):
         state = self.conn.their_state
         if state not in (h11.IDLE, h11.SEND_BODY):
             return
-        self.timed_out = True
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         logger.warning("%s: no request within %g s; closing", client, self.read_timeout_s)
         # IDLE: no request of this cycle yet (a cycle left over is the last request's)
