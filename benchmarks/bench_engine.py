@@ -72,6 +72,22 @@ def matmul_params(config: ModelConfig) -> int:
     )
 
 
+def start_decoding(
+    engine: Engine, batch: int, ctx: int, max_tokens: int, rng: random.Random
+) -> list[str]:
+    """`batch` requests of `ctx` random prompt tokens, prefilled and 5 steps into decode
+    (graphs warm); returns their ids."""
+    vocab = engine.model.config.vocab_size
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request([rng.randrange(vocab) for _ in range(ctx)], params)
+           for _ in range(batch)]  # fmt: skip
+    while any(r.num_output_tokens == 0 for r in map(engine.request, ids) if r):
+        engine.step()  # prefill every request
+    for _ in range(5):
+        engine.step()
+    return ids
+
+
 def decode(config: ModelConfig, ceil: dict[str, float], batches: list[int], ctx: int) -> list[dict]:
     """Steady decode step time at each batch size, context `ctx`, vs the floor."""
     engine = make_engine(
@@ -83,15 +99,7 @@ def decode(config: ModelConfig, ceil: dict[str, float], batches: list[int], ctx:
     rows = []
     rng = random.Random(0)
     for batch in batches:
-        params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-        ids = [
-            engine.add_request([rng.randrange(config.vocab_size) for _ in range(ctx)], params)
-            for _ in range(batch)
-        ]
-        while any(r.num_output_tokens == 0 for r in map(engine.request, ids) if r):
-            engine.step()  # prefill every request
-        for _ in range(5):
-            engine.step()
+        ids = start_decoding(engine, batch, ctx, 200, rng)
         torch.cuda.synchronize()
         steps = 30
         t = time.perf_counter()
@@ -130,16 +138,7 @@ def host_profile(config: ModelConfig, batch: int, ctx: int, steps: int = 50) -> 
         config, max_num_seqs=batch, max_model_len=ctx + 256, max_num_batched_tokens=8192,
         kv_cache_bytes=40 * GiB, prefix_caching=False,
     )  # fmt: skip
-    rng = random.Random(3)
-    params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
-    for _ in range(batch):
-        engine.add_request([rng.randrange(config.vocab_size) for _ in range(ctx)], params)
-    while any(r.num_output_tokens == 0 for r in engine.scheduler.running) or (
-        engine.scheduler.waiting
-    ):
-        engine.step()
-    for _ in range(5):
-        engine.step()
+    start_decoding(engine, batch, ctx, steps + 20, random.Random(3))
     profile = cProfile.Profile()
     t = time.perf_counter()
     profile.enable()

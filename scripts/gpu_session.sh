@@ -40,12 +40,14 @@ for part in "$@"; do
     echo "=== $part ($(date -u +%H:%M:%S)) ==="
     case $part in
         tests)
+            status=0  # a failing run still writes its report, then fails the script
             python -m pytest -m gpu -q -p no:cacheprovider -o junit_family=xunit1 \
                 --junitxml="$OUT/gpu_tests.xml" \
                 --ignore tests/server --ignore tests/serving/test_fleet_serve.py \
                 --ignore tests/sim/test_sim_cli.py \
-                2>&1 | tee "$OUT/gpu_tests.log" | tail -40 || true
+                2>&1 | tee "$OUT/gpu_tests.log" | tail -40 || status=$?
             python scripts/gpu_test_report.py "$OUT/gpu_tests.xml" "$OUT/gpu_tests_h200.json"
+            [ "$status" -eq 0 ] || exit "$status"
             ;;
         engine)
             python benchmarks/bench_engine.py --trace "$azure" --out "$OUT/bench_engine_h200.json" \
