@@ -111,25 +111,35 @@ def workload(args: argparse.Namespace, rate: float, seed: int) -> list[Arrival]:
 
 
 def solo_slos(args: argparse.Namespace, configs: dict[str, ModelConfig]) -> dict[str, Any]:
-    """p95 TTFT and TPOT of each model alone on the GPU (prism mode, nothing else busy),
-    at light load: Poisson arrivals at `--solo-rate` for `--solo-seconds`."""
+    """p95 TTFT and TPOT alone on the GPU (prism mode, nothing else busy) at light load,
+    one measurement per model shape (models of a shape share it): Poisson arrivals at
+    `--solo-rate` for `--solo-seconds`, at least `--solo-requests`. A warm-up round over
+    every model first, so one-off costs (kernel compiles) do not set anyone's SLO."""
     worker = build_worker(WorkerMode.PRISM, configs, args)
+    replay(worker, workload(args, args.rates[0], seed=99)[: 4 * len(configs)])
     lengths = azure_lengths(args.traces, max_tokens=args.max_tokens)
+    by_shape: dict[ModelConfig, dict[str, Any]] = {}
     out = {}
-    for i, name in enumerate(configs):
-        rng = random.Random(100 + i)
-        n = max(8, int(args.solo_rate * args.solo_seconds))
-        prompts, outputs = lengths.sample(np.random.default_rng(100 + i), n)
-        t, arrivals = 0.0, []
-        for p, o in zip(prompts, outputs, strict=True):
-            t += rng.expovariate(args.solo_rate)
-            params = SamplingParams(max_tokens=int(o), temperature=0.0, ignore_eos=True)
-            arrivals.append((t, name, [rng.randrange(1, 500) for _ in range(int(p))], params))
-        _, records = replay(worker, arrivals)
-        ttft = sorted(r.ttft for r in records if r.ttft is not None)
-        tpot = sorted(r.tpot for r in records if r.tpot is not None)
-        out[name] = {"ttft_p95_s": _p95(ttft), "tpot_p95_s": _p95(tpot), "requests": n}
-        worker.sleep(name)
+    for i, (name, config) in enumerate(configs.items()):
+        if config not in by_shape:
+            rng = random.Random(100 + i)
+            n = max(args.solo_requests, int(args.solo_rate * args.solo_seconds))
+            prompts, outputs = lengths.sample(np.random.default_rng(100 + i), n)
+            t, arrivals = 0.0, []
+            for p, o in zip(prompts, outputs, strict=True):
+                t += rng.expovariate(args.solo_rate)
+                params = SamplingParams(max_tokens=int(o), temperature=0.0, ignore_eos=True)
+                arrivals.append((t, name, [rng.randrange(1, 500) for _ in range(int(p))], params))
+            for other in configs:  # alone: the others asleep, this one awake
+                if other != name:
+                    worker.sleep(other)
+            assert worker.wake(name)
+            _, records = replay(worker, arrivals)
+            ttft = sorted(r.ttft for r in records if r.ttft is not None)
+            tpot = sorted(r.tpot for r in records if r.tpot is not None)
+            by_shape[config] = {"ttft_p95_s": _p95(ttft), "tpot_p95_s": _p95(tpot),
+                                "requests": n, "measured_on": name}  # fmt: skip
+        out[name] = by_shape[config]
     worker.check_integrity()
     worker.close()
     return out
@@ -218,8 +228,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=2048, help="prompt + output cap")
     parser.add_argument("--max-seqs", type=int, default=128)
     parser.add_argument("--budget-gib", type=float, default=80.0)
-    parser.add_argument("--solo-rate", type=float, default=0.5)
+    parser.add_argument("--solo-rate", type=float, default=1.0, help="requests/s, solo SLOs")
     parser.add_argument("--solo-seconds", type=float, default=30.0)
+    parser.add_argument("--solo-requests", type=int, default=24, help="at least, per shape")
     parser.add_argument("--stop-below", type=float, default=0.9)
     parser.add_argument("--slos", help="JSON file with solo SLOs from an earlier run (skips them)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, short runs")
@@ -229,6 +240,7 @@ def main() -> None:
     if args.smoke:
         args.budget, args.seconds, args.grace, args.max_tokens = 64 << 20, 4.0, 20.0, 256
         args.rates, args.solo_seconds, args.solo_rate, args.max_seqs = [2, 4], 4.0, 2.0, 16
+        args.solo_requests = 8
         torch.set_num_threads(1)
     configs = model_configs(args.smoke)
     results: dict[str, Any] = {

@@ -743,8 +743,9 @@ def main() -> None:
     parser.add_argument("--slo-scales", type=floats)
     parser.add_argument("--kv-mib", type=float, help="KV memory beside the weights, MiB")
     parser.add_argument(
-        "--graph-tokens", type=lambda t: tuple(int(x) for x in t.split(",")),
-        help="token counts of the CUDA graphs for steps with prefill chunks (EngineConfig)",
+        "--graph-tokens", type=lambda t: () if t == "none" else tuple(map(int, t.split(","))),
+        help="token counts of the CUDA graphs for steps with prefill chunks (default: the "
+        "engine's; 'none': layer by layer)",
     )  # fmt: skip
     parser.add_argument("--resim", type=Path, help="simulate again against this result's live runs")
     parser.add_argument("--refit", action="store_true", help="with --resim: fit the costs again")
@@ -757,7 +758,7 @@ def main() -> None:
     overrides = {"rates": args.rates, "seconds": args.seconds, "slo_scales": args.slo_scales,
                  "kv_bytes": kv}  # fmt: skip
     setup = replace(SETUPS[kind], **{k: v for k, v in overrides.items() if v is not None})
-    if args.graph_tokens:
+    if args.graph_tokens is not None:
         setup = replace(setup, engine=replace(setup.engine, cuda_graph_tokens=args.graph_tokens))
     out = args.out or REPO / "benchmarks" / "results" / f"validate_sim_{kind}.json"
     print_table(validate(kind, setup, args.traces, out))

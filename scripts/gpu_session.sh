@@ -16,7 +16,8 @@
 #               MM_ARGS adds options (e.g. "--seconds 30 --grace 15 --solo-seconds 15")
 #   memory      benchmarks/bench_memory.py on one pinned core (driver floor, moves, p99s)
 #   validate    benchmarks/validate_sim.py: the simulator against the live worker
-#               (GRAPH_TOKENS, e.g. 64,128,256,512,1024,2048: graphs for prefill steps)
+#               (GRAPH_TOKENS: graphs for prefill steps, e.g. 64,128,256 or none;
+#               default the engine's)
 #
 # Results go under $OUT (the device tool copies them back); logs print as they run.
 # Needs PRISM_COMMIT (the device checkout's git HEAD may be stale). Traces come from

@@ -54,10 +54,11 @@ class EngineConfig:
     seed: int = 0  # for requests without their own seed
     # decode batch sizes captured as CUDA graphs (CUDA only); () runs every step eagerly
     cuda_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-    # token counts of steps with prefill chunks captured as CUDA graphs (CUDA only, each
-    # in 2..max_num_batched_tokens); () launches those steps layer by layer. Off until
-    # measured on the GPU: each size keeps its activations in the graphs' memory pool.
-    cuda_graph_tokens: tuple[int, ...] = ()
+    # token counts of steps with prefill chunks captured as CUDA graphs (CUDA only; those
+    # above max_num_batched_tokens are dropped); () launches those steps layer by layer.
+    # The graphs share one memory pool, as large as the biggest size's activations.
+    # H200: a 1B model's 128-token prefill 5.9 -> 1.6 ms, an 8B's within 5%.
+    cuda_graph_tokens: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -98,12 +99,9 @@ class Engine:
                 f"max_model_len {config.max_model_len} exceeds the KV cache's "
                 f"{capacity} tokens; raise kv_cache_bytes or lower max_model_len"
             )
-        tokens = config.cuda_graph_tokens
-        if any(not 2 <= t <= config.max_num_batched_tokens for t in tokens):
-            raise ValueError(
-                f"cuda_graph_tokens {tokens} must lie in 2..max_num_batched_tokens "
-                f"({config.max_num_batched_tokens})"
-            )
+        if any(t < 2 for t in config.cuda_graph_tokens):
+            raise ValueError(f"cuda_graph_tokens {config.cuda_graph_tokens} must be 2 or more")
+        tokens = [t for t in config.cuda_graph_tokens if t <= config.max_num_batched_tokens]
         self.runner.capture(
             [s for s in config.cuda_graph_sizes if s <= config.max_num_seqs],
             tokens,
