@@ -66,7 +66,7 @@ def build_worker(
     any measurement: each model is woken once."""
     engine = EngineConfig(
         max_model_len=args.max_tokens + 64, max_num_seqs=args.max_seqs,
-        max_num_batched_tokens=max(4096, args.max_tokens + 64),
+        max_num_batched_tokens=args.step_tokens,
         cuda_graph_sizes=tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= args.max_seqs),
     )  # fmt: skip
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
@@ -227,6 +227,11 @@ def main() -> None:
     parser.add_argument("--category", default="language/m-large")
     parser.add_argument("--max-tokens", type=int, default=2048, help="prompt + output cap")
     parser.add_argument("--max-seqs", type=int, default=128)
+    parser.add_argument(
+        "--step-tokens", type=int, default=512,
+        help="tokens in one engine step (chunked-prefill budget): the worker steps its models "
+        "in rounds, so the longest step of a round delays every co-located model",
+    )  # fmt: skip
     parser.add_argument("--budget-gib", type=float, default=80.0)
     parser.add_argument("--solo-rate", type=float, default=1.0, help="requests/s, solo SLOs")
     parser.add_argument("--solo-seconds", type=float, default=30.0)
