@@ -12,10 +12,11 @@ Workload: the ServeGen `language/m-large` client rates (600 s windows, gamma arr
 with each window's CV) folded onto the eight models (busiest client group → model 0),
 replayed `--time-scale` times faster so the hot set moves within a run, and scaled to
 each target total rate; prompt/output lengths drawn from the Azure LLM 2023 code trace
-(capped). SLOs per model: scale × its p95 TTFT and TPOT alone on the GPU at light load
-(measured first, in the same run). For each mode the rate rises until attainment falls
-under `--stop-below`; the result per SLO scale is the highest rate whose TTFT and TPOT
-attainment both reached 99%. Requests unfinished at the cutoff count as misses.
+(capped). SLOs per model: scale × its shape's p95 TTFT and TPOT alone on the GPU at light
+load (measured first, in the same run). For each mode the rate rises until attainment at
+the loosest SLO scale falls under `--stop-below`; the result per SLO scale is the highest
+rate whose TTFT and TPOT attainment both reached 99%. Requests unfinished at the cutoff
+count as misses.
 
 Usage: python benchmarks/bench_multimodel.py --traces PATH/traces [--modes prism,static,swap]
        python benchmarks/bench_multimodel.py --smoke   (CPU, tiny models: checks the script)
@@ -191,7 +192,8 @@ def sweep(
         print(f"{mode.value:<7} {rate:6.2f} req/s: TTFT {att['ttft']:.3f} TPOT {att['tpot']:.3f} "
               f"(SLO x{main_scale}) finished {summary['finished']}/{summary['requests']} "
               f"wakes {row['wakes']}", flush=True)  # fmt: skip
-        if min(att.values()) < args.stop_below:
+        loosest = row["attainment"][str(max(args.slo_scales))]
+        if min(loosest.values()) < args.stop_below:  # every scale's best rate is behind
             break
     worker.close()
     if args.device != "cpu":
@@ -219,7 +221,7 @@ def main() -> None:
     parser.add_argument("--traces", default=str(Path(__file__).parents[2] / "shared" / "traces"))
     parser.add_argument("--out", default="bench_multimodel.json")
     parser.add_argument("--modes", default="prism,static,swap")
-    parser.add_argument("--rates", type=floats, default=[1, 2, 4, 6, 8, 12, 16, 24, 32])
+    parser.add_argument("--rates", type=floats, default=[1, 1.5, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32])
     parser.add_argument("--slo-scales", type=floats, default=[5.0, 2.0, 10.0])
     parser.add_argument("--seconds", type=float, default=60.0, help="arrivals per run")
     parser.add_argument("--grace", type=float, default=30.0, help="cutoff after the last arrival")
