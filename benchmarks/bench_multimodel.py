@@ -77,7 +77,10 @@ def build_worker(
     share = (args.budget - weights - padding) // len(configs)
     if share <= 0:
         raise SystemExit(f"budget {args.budget / GiB:.1f} GiB does not hold the weights")
-    worker = DeviceWorker(WorkerConfig(device=args.device, budget_bytes=args.budget, mode=mode))
+    config = WorkerConfig(
+        device=args.device, budget_bytes=args.budget, mode=mode, free_running=args.free_running
+    )
+    worker = DeviceWorker(config)
     for name, config in configs.items():
         kv = share if mode is WorkerMode.STATIC else None
         worker.add_model(
@@ -239,6 +242,10 @@ def main() -> None:
     parser.add_argument("--solo-seconds", type=float, default=30.0)
     parser.add_argument("--solo-requests", type=int, default=24, help="at least, per shape")
     parser.add_argument("--stop-below", type=float, default=0.9)
+    parser.add_argument(
+        "--free-running", action="store_true",
+        help="each model steps again as soon as its own step ends (WorkerConfig), not in rounds",
+    )  # fmt: skip
     parser.add_argument("--slos", help="JSON file with solo SLOs from an earlier run (skips them)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, short runs")
     args = parser.parse_args()

@@ -40,6 +40,10 @@ class StepInFlight:
     pending: PendingSample | None
     done: torch.cuda.Event | None
 
+    def ready(self) -> bool:
+        """Whether `complete_step` would return without waiting for the device."""
+        return self.done is None or self.done.query()
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:

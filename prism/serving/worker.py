@@ -48,6 +48,16 @@ class WorkerConfig:
     # How long a request may wait for its model to wake (the memory held by other models'
     # running requests) before `expire_pending` drops it. None: as long as it takes.
     wake_timeout_s: float | None = 30.0
+    # How co-located models step. False (rounds): `step()` launches one step per model
+    # with work, each on its own stream, and waits for all of them, so every model waits
+    # for the round's longest step (a 1B decode behind an 8B prefill chunk). True (free
+    # running): `step()` launches the models whose last step has ended and returns once
+    # any step has ended; a model steps again as soon as its own step is done. CUDA only
+    # makes a difference (on the CPU a step ends when it is launched).
+    free_running: bool = False
+
+
+_POLL_S = 20e-6  # free running: how often to look whether a launched step has ended
 
 
 class StepError(RuntimeError):
@@ -130,6 +140,12 @@ class DeviceWorker:
         # Not to be slept or preempted: scheduled this round (until its step is done), or
         # woken with work and not scheduled yet.
         self._protected: set[str] = set()
+        # Steps launched and not yet collected (model -> step, launch time); across calls
+        # of `step()` only when free running. Outputs of steps that a call other than
+        # `step()` had to finish first (`_settle`) wait for the next `step()`.
+        self._in_flight: dict[str, tuple[StepInFlight, float]] = {}
+        self._settled: list[tuple[str, RequestOutput]] = []
+        self._settle_errors: dict[str, Exception] = {}
 
     # ---- models ------------------------------------------------------------------------
 
@@ -207,6 +223,7 @@ class DeviceWorker:
         slot = self._slot(name)
         if self.config.mode is WorkerMode.STATIC:
             raise RuntimeError("static mode never sleeps models")
+        self._settle(name)
         return slot.sleep() * self.pool.page_size
 
     def set_kv_limit(self, name: str, kv_bytes: int) -> int:
@@ -217,6 +234,7 @@ class DeviceWorker:
         engine = slot.engine
         if engine is None:
             raise RuntimeError(f"model {name!r} has not been woken yet")
+        self._settle(name)
         limit = kv_bytes // self.pool.page_size
         over = self.pool.set_limit(engine.kv_cache.config.name, limit)
         if over > 0:
@@ -322,29 +340,42 @@ class DeviceWorker:
             if pending.request_id == request_id:
                 self._pending.remove(pending)
                 return None
+        self._settle(model)
         engine = self.models[model].engine
         return engine.abort(request_id) if engine is not None else None
 
     def has_work(self) -> bool:
-        return bool(self._pending) or any(not s.idle for s in self.models.values())
+        return (
+            bool(self._pending or self._in_flight or self._settled or self._settle_errors)
+            or any(not s.idle for s in self.models.values())
+        )  # fmt: skip
 
     def step(self) -> list[tuple[str, RequestOutput]]:
-        """One engine step for each active model with work, and wakes for sleeping ones.
-        Raises `StepError` (with the others' outputs) if an engine's step raised.
+        """One engine step for each active model with work (free running: each whose
+        last step has ended), and wakes for sleeping ones. Raises `StepError` (with the
+        others' outputs) if an engine's step raised.
 
-        A round has three phases. Memory: schedule every active model in turn, then wake
+        A call has three phases. Memory: schedule every active model in turn, then wake
         the sleeping models with work (and hand waiting requests to models now awake);
-        all memory moves happen here, with no step in flight. A model scheduled this
-        round is neither preempted nor slept by the models after it (its batch's blocks
-        stay put), and a model woken is not slept before it has been scheduled: active
-        models admit their own queues before a wake may take their memory, and a model
-        just woken gets its turn (else two models could wake and sleep each other
-        without either running). Launch: every model's step on its own CUDA stream,
-        without waiting. Collect: wait for each in turn and take its outputs, so
-        co-located models' kernels overlap on the device."""
-        outputs: list[tuple[str, RequestOutput]] = []
-        errors: dict[str, Exception] = {}
-        names = [n for n, s in self.models.items() if s.state is ModelState.ACTIVE and not s.idle]
+        all memory moves happen here, and none touches a model with a step in flight. A
+        model scheduled is neither preempted nor slept by the models after it (its
+        batch's blocks stay put) until its step is collected, and a model woken is not
+        slept before it has been scheduled: active models admit their own queues before
+        a wake may take their memory, and a model just woken gets its turn (else two
+        models could wake and sleep each other without either running). Launch: every
+        model's step on its own CUDA stream, without waiting. Collect: in rounds, wait
+        for each in turn and take its outputs, so co-located models' kernels overlap on
+        the device; free running, take the outputs of every step that has ended, waiting
+        only when none has."""
+        outputs, self._settled = self._settled, []
+        errors, self._settle_errors = self._settle_errors, {}
+        free = self.config.free_running
+        if free:
+            self._collect(outputs, errors, wait="none")
+        names = [
+            n for n, s in self.models.items()
+            if s.state is ModelState.ACTIVE and not s.idle and n not in self._in_flight
+        ]  # fmt: skip
         if names:  # rotate the order so no model always goes first (to take memory)
             self._turn = (self._turn + 1) % len(names)
             names = names[self._turn :] + names[: self._turn]
@@ -363,36 +394,24 @@ class DeviceWorker:
                     errors[name] = e
         self._wake_sleepers_with_work()
         self._admit_pending()
-        in_flight: dict[str, StepInFlight | None] = {}
         for name, batch in batches.items():
             slot = self.models[name]
             assert slot.engine is not None
             with _Busy(slot), slot.stream_context():
                 try:
-                    in_flight[name] = slot.engine.launch_step(batch)
+                    step = slot.engine.launch_step(batch)
                 except Exception as e:
                     errors[name] = e
                     if slot.stream is not None:  # what it queued ends before memory moves
                         slot.stream.synchronize()
-        for name, step in in_flight.items():
-            slot = self.models[name]
-            assert slot.engine is not None
-            with _Busy(slot):
-                try:
-                    step_outputs = slot.engine.complete_step(step)
-                except Exception as e:
-                    errors[name] = e
                     continue
-            for out in step_outputs:
-                slot.output_tokens += len(out.new_token_ids)
-                if out.finished:
-                    self._owner.pop(out.request_id, None)
-                outputs.append((name, out))
-            slot.last_used = time.monotonic()
+            if step is not None:
+                self._in_flight[name] = (step, time.perf_counter())
+        self._collect(outputs, errors, wait="all" if not free else "none" if outputs else "any")
         self.pool.refill_reserves()  # while the GPU would be busy: keep reserves mapped
-        # The round is over: protected now are only the models woken with work that have
-        # not been scheduled yet (woken in this round's memory phase, or since).
-        self._protected = {
+        # Protected now: the models with a step in flight, and those woken with work that
+        # have not been scheduled yet (woken in this call's memory phase, or since).
+        self._protected = set(self._in_flight) | {
             n for n in self._protected
             if n not in batches and n in self.models and not self.models[n].idle
             and self.models[n].state is ModelState.ACTIVE
@@ -400,6 +419,46 @@ class DeviceWorker:
         if errors:
             raise StepError(errors, outputs)
         return outputs
+
+    def _collect(
+        self,
+        outputs: list[tuple[str, RequestOutput]],
+        errors: dict[str, Exception],
+        wait: str,
+        only: str | None = None,
+    ) -> None:
+        """Take the outputs of steps in flight (`only`: that model's): "all" waits for
+        each in launch order, "any" for the first to end (then takes every one that
+        has), "none" takes only those that have ended."""
+        if wait == "any":
+            while self._in_flight and not any(s.ready() for s, _ in self._in_flight.values()):
+                time.sleep(_POLL_S)  # no wait-for-any-event in CUDA; this releases the GIL
+        for name, (step, launched) in list(self._in_flight.items()):
+            if (only is not None and name != only) or (wait != "all" and not step.ready()):
+                continue
+            del self._in_flight[name]
+            slot = self.models[name]
+            assert slot.engine is not None
+            start = time.perf_counter()
+            try:
+                step_outputs = slot.engine.complete_step(step)
+            except Exception as e:
+                errors[name] = e
+                continue
+            finally:  # rounds: the wait for this step; free running: its whole span
+                slot.busy_s += time.perf_counter() - (launched if wait != "all" else start)
+            for out in step_outputs:
+                slot.output_tokens += len(out.new_token_ids)
+                if out.finished:
+                    self._owner.pop(out.request_id, None)
+                outputs.append((name, out))
+            slot.last_used = time.monotonic()
+
+    def _settle(self, name: str) -> None:
+        """Finish `name`'s step in flight, if any, before its memory or requests change
+        outside `step()`; its outputs (or error) come with the next `step()`."""
+        if name in self._in_flight:
+            self._collect(self._settled, self._settle_errors, wait="all", only=name)
 
     def _wake_sleepers_with_work(self) -> None:
         """Models put to sleep with requests still queued in their engines."""
@@ -478,6 +537,8 @@ class DeviceWorker:
                 slot.engine.kv_cache.check_integrity()
 
     def close(self) -> None:
+        for name in list(self._in_flight):
+            self._settle(name)
         for name in list(self.models):
             slot = self.models.pop(name)
             slot.close()

@@ -38,8 +38,9 @@ def _prompt(seed: int, length: int) -> list[int]:
     return [(seed * 7919 + i * 31) % 1000 + 1 for i in range(length)]
 
 
-def _worker(budget_mib: int, names: str = "abc") -> DeviceWorker:
-    worker = DeviceWorker(WorkerConfig(device="cuda", budget_bytes=budget_mib * MiB))
+def _worker(budget_mib: int, names: str = "abc", free_running: bool = False) -> DeviceWorker:
+    config = WorkerConfig(device="cuda", budget_bytes=budget_mib * MiB, free_running=free_running)
+    worker = DeviceWorker(config)
     for name in names:
         worker.add_model(ModelSpec(name, SMALL, load_format="dummy", engine=ENGINE))
     return worker
@@ -130,10 +131,12 @@ def test_gpu_pool_exhaustion_loses_nothing() -> None:
     worker.close()
 
 
-def test_gpu_colocated_models_step_on_their_own_streams() -> None:
-    """Three models' steps are queued each on its own stream before any is waited for:
-    every model's outputs equal its run alone (same batches, nothing raced), and the
-    streams are three, none of them the default stream."""
+@pytest.mark.parametrize("free_running", [False, True], ids=["rounds", "free"])
+def test_gpu_colocated_models_step_on_their_own_streams(free_running: bool) -> None:
+    """Three models' steps are queued each on its own stream before any is waited for
+    (in rounds, or each again as soon as its own step ended): every model's outputs
+    equal its run alone (same batches, nothing raced), and the streams are three, none
+    of them the default stream."""
     jobs = {
         m: [(m, _prompt(i + 10 * k, 60 + 40 * i)) for i in range(6)] for k, m in enumerate("abc")
     }
@@ -142,7 +145,7 @@ def test_gpu_colocated_models_step_on_their_own_streams() -> None:
         solo = _worker(160, names=m)
         alone[m] = _run(solo, jobs[m])
         solo.close()
-    worker = _worker(160)
+    worker = _worker(160, free_running=free_running)
     together = _run(worker, [job for m in "abc" for job in jobs[m]])
     assert together == [tokens for m in "abc" for tokens in alone[m]]
     streams = [slot.stream for slot in worker.models.values()]
