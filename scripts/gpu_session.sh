@@ -13,7 +13,8 @@
 #   multimodel  benchmarks/bench_multimodel.py: 8 models at 80 GiB; MODES (default
 #               prism,static,swap) and SLOS (a JSON of solo SLOs from an earlier call, put
 #               under .traces/ and carried) split it over calls: a mode takes ~5-9 min;
-#               MM_ARGS adds options (e.g. "--seconds 30 --grace 15 --solo-seconds 15")
+#               MM_ARGS adds options (e.g. "--seconds 20 --grace 10 --solo-seconds 20
+#               --solo-requests 20", "--free-running")
 #   memory      benchmarks/bench_memory.py on one pinned core (driver floor, moves, p99s)
 #   validate    benchmarks/validate_sim.py: the simulator against the live worker
 #               (GRAPH_TOKENS: graphs for prefill steps, e.g. 64,128,256 or none;
