@@ -15,7 +15,9 @@
 #               under .traces/ and carried) split it over calls: a mode takes ~5-9 min;
 #               MM_ARGS adds options (e.g. "--seconds 20 --grace 10 --solo-seconds 20
 #               --solo-requests 20", "--free-running")
-#   memory      benchmarks/bench_memory.py on one pinned core (driver floor, moves, p99s)
+#   memory      benchmarks/bench_memory.py (driver floor, moves, p99s); PIN_CPU=N pins it
+#               to core N (pinned to core 2 at d527b03, the request-path p50 was 3x the
+#               unpinned run's at 8a508d1; pinning or the host, not known yet)
 #   validate    benchmarks/validate_sim.py: the simulator against the live worker
 #               (GRAPH_TOKENS: graphs for prefill steps, e.g. 64,128,256 or none;
 #               default the engine's)
@@ -69,7 +71,8 @@ for part in "$@"; do
                 --out "$OUT/bench_multimodel_h200.json"
             ;;
         memory)
-            python benchmarks/bench_memory.py --pin-cpu 2 --out "$OUT/bench_memory_h200.json"
+            python benchmarks/bench_memory.py ${PIN_CPU:+--pin-cpu "$PIN_CPU"} \
+                --out "$OUT/bench_memory_h200.json"
             ;;
         validate)
             python benchmarks/validate_sim.py --device cuda --traces "$TRACES" \
