@@ -242,8 +242,13 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One whole step: schedule, run, sample, postprocess (waits for the device)."""
-        return self.complete_step(self.launch_step(self.schedule()))
+        """One whole step: schedule, run, sample, postprocess (waits for the device).
+        While the device runs it, the KV cache's warm reserve is mapped up again, so the
+        next steps' growth takes mapped pages instead of driver calls (a worker does the
+        same for all its models: `PagePool.refill_reserves`)."""
+        step = self.launch_step(self.schedule())
+        self.kv_cache.refill_reserve()
+        return self.complete_step(step)
 
     def schedule(self) -> ScheduledBatch:
         """Choose this step's requests and give them KV blocks. Every memory change of the

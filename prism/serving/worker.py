@@ -407,8 +407,8 @@ class DeviceWorker:
                     continue
             if step is not None:
                 self._in_flight[name] = (step, time.perf_counter())
+        self.pool.refill_reserves()  # while the GPU runs the steps: keep reserves mapped
         self._collect(outputs, errors, wait="all" if not free else "none" if outputs else "any")
-        self.pool.refill_reserves()  # while the GPU would be busy: keep reserves mapped
         # Protected now: the models with a step in flight, and those woken with work that
         # have not been scheduled yet (woken in this call's memory phase, or since).
         self._protected = set(self._in_flight) | {
