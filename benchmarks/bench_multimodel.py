@@ -20,6 +20,8 @@ count as misses.
 
 Usage: python benchmarks/bench_multimodel.py --traces PATH/traces [--modes prism,static,swap]
        python benchmarks/bench_multimodel.py --smoke   (CPU, tiny models: checks the script)
+A mode written with `:free` (e.g. `prism:free`) runs its worker free running
+(`WorkerConfig.free_running`), so rounds and free running compare in one run.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def model_configs(smoke: bool) -> dict[str, ModelConfig]:
 
 
 def build_worker(
-    mode: WorkerMode, configs: dict[str, ModelConfig], args: argparse.Namespace
-) -> DeviceWorker:
+    mode: WorkerMode, configs: dict[str, ModelConfig], args: argparse.Namespace,
+    free_running: bool = False,
+) -> DeviceWorker:  # fmt: skip
     """All eight models on one worker; engines built (and CUDA graphs captured) before
     any measurement: each model is woken once."""
     engine = EngineConfig(
@@ -78,7 +81,7 @@ def build_worker(
     if share <= 0:
         raise SystemExit(f"budget {args.budget / GiB:.1f} GiB does not hold the weights")
     config = WorkerConfig(
-        device=args.device, budget_bytes=args.budget, mode=mode, free_running=args.free_running
+        device=args.device, budget_bytes=args.budget, mode=mode, free_running=free_running
     )
     worker = DeviceWorker(config)
     for name, config in configs.items():
@@ -119,7 +122,7 @@ def solo_slos(args: argparse.Namespace, configs: dict[str, ModelConfig]) -> dict
     one measurement per model shape (models of a shape share it): Poisson arrivals at
     `--solo-rate` for `--solo-seconds`, at least `--solo-requests`. A warm-up round over
     every model first, so one-off costs (kernel compiles) do not set anyone's SLO."""
-    worker = build_worker(WorkerMode.PRISM, configs, args)
+    worker = build_worker(WorkerMode.PRISM, configs, args, free_running=args.free_running)
     replay(worker, workload(args, args.rates[0], seed=99)[: 4 * len(configs)])
     lengths = azure_lengths(args.traces, max_tokens=args.max_tokens)
     by_shape: dict[ModelConfig, dict[str, Any]] = {}
@@ -167,10 +170,16 @@ def attainment(records: list[Record], slos: dict[str, Any], scale: float) -> dic
 
 
 def sweep(
-    mode: WorkerMode, configs: dict[str, ModelConfig], slos: dict[str, Any],
+    name: str, configs: dict[str, ModelConfig], slos: dict[str, Any],
     args: argparse.Namespace, save: Any,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    worker = build_worker(mode, configs, args)
+    """One mode's rising rates; `name` is a mode, `:free` added for free running."""
+    base, _, stepping = name.partition(":")
+    if stepping not in ("", "free"):
+        raise SystemExit(f"mode {name!r}: the only suffix is ':free'")
+    mode = WorkerMode(base)
+    free = args.free_running or stepping == "free"
+    worker = build_worker(mode, configs, args, free_running=free)
     replay(worker, workload(args, args.rates[0], seed=99)[: 4 * len(configs)])  # warm-up
     rows: list[dict[str, Any]] = []
     for rate in args.rates:
@@ -182,7 +191,7 @@ def sweep(
         worker.check_integrity()
         stats = worker.stats()
         row = {
-            "mode": mode.value, "rate": rate, **summary,
+            "mode": name, "free_running": free, "rate": rate, **summary,
             "attainment": {str(s): attainment(records, slos, s) for s in args.slo_scales},
             "wakes": sum(m.wakes for m in stats.models),
             "sleeps": sum(m.sleeps for m in stats.models),
@@ -192,7 +201,7 @@ def sweep(
         save()
         main_scale = str(args.slo_scales[0])
         att = row["attainment"][main_scale]
-        print(f"{mode.value:<7} {rate:6.2f} req/s: TTFT {att['ttft']:.3f} TPOT {att['tpot']:.3f} "
+        print(f"{name:<11} {rate:6.2f} req/s: TTFT {att['ttft']:.3f} TPOT {att['tpot']:.3f} "
               f"(SLO x{main_scale}) finished {summary['finished']}/{summary['requests']} "
               f"wakes {row['wakes']}", flush=True)  # fmt: skip
         loosest = row["attainment"][str(max(args.slo_scales))]
@@ -223,7 +232,7 @@ def main() -> None:
     floats = lambda t: [float(x) for x in t.split(",")]  # noqa: E731
     parser.add_argument("--traces", default=str(Path(__file__).parents[2] / "shared" / "traces"))
     parser.add_argument("--out", default="bench_multimodel.json")
-    parser.add_argument("--modes", default="prism,static,swap")
+    parser.add_argument("--modes", default="prism,static,swap", help="e.g. prism,prism:free")
     parser.add_argument("--rates", type=floats, default=[1, 1.5, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32])
     parser.add_argument("--slo-scales", type=floats, default=[5.0, 2.0, 10.0])
     parser.add_argument("--seconds", type=float, default=60.0, help="arrivals per run")
@@ -244,7 +253,8 @@ def main() -> None:
     parser.add_argument("--stop-below", type=float, default=0.9)
     parser.add_argument(
         "--free-running", action="store_true",
-        help="each model steps again as soon as its own step ends (WorkerConfig), not in rounds",
+        help="every mode free running: each model steps again as soon as its own step ends "
+        "(WorkerConfig), not in rounds; a mode written 'prism:free' is free running alone",
     )  # fmt: skip
     parser.add_argument("--slos", help="JSON file with solo SLOs from an earlier run (skips them)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, short runs")
@@ -279,7 +289,7 @@ def main() -> None:
         save()
     rows: list[dict[str, Any]] = results.setdefault("runs", [])
     for mode in args.modes.split(","):
-        rows += sweep(WorkerMode(mode), configs, results["solo"], args, save)
+        rows += sweep(mode, configs, results["solo"], args, save)
         results["best_rate"] = best_rates(rows, args.slo_scales)
         save()
     best = results["best_rate"]

@@ -14,7 +14,7 @@
 #               prism,static,swap) and SLOS (a JSON of solo SLOs from an earlier call, put
 #               under .traces/ and carried) split it over calls: a mode takes ~5-9 min;
 #               MM_ARGS adds options (e.g. "--seconds 20 --grace 10 --solo-seconds 20
-#               --solo-requests 20", "--free-running")
+#               --solo-requests 20"); a mode written prism:free runs free running
 #   memory      benchmarks/bench_memory.py (driver floor, moves, p99s); PIN_CPU=N pins it
 #               to core N (pinned to core 2 at d527b03, the request-path p50 was 3x the
 #               unpinned run's at 8a508d1; pinning or the host, not known yet)
