@@ -80,10 +80,11 @@ def build_worker(
     share = (args.budget - weights - padding) // len(configs)
     if share <= 0:
         raise SystemExit(f"budget {args.budget / GiB:.1f} GiB does not hold the weights")
-    config = WorkerConfig(
-        device=args.device, budget_bytes=args.budget, mode=mode, free_running=free_running
+    worker = DeviceWorker(
+        WorkerConfig(
+            device=args.device, budget_bytes=args.budget, mode=mode, free_running=free_running
+        )
     )
-    worker = DeviceWorker(config)
     for name, config in configs.items():
         kv = share if mode is WorkerMode.STATIC else None
         worker.add_model(

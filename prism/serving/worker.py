@@ -439,14 +439,14 @@ class DeviceWorker:
             del self._in_flight[name]
             slot = self.models[name]
             assert slot.engine is not None
-            start = time.perf_counter()
+            start = launched if self.config.free_running else time.perf_counter()
             try:
                 step_outputs = slot.engine.complete_step(step)
             except Exception as e:
                 errors[name] = e
                 continue
             finally:  # rounds: the wait for this step; free running: its whole span
-                slot.busy_s += time.perf_counter() - (launched if wait != "all" else start)
+                slot.busy_s += time.perf_counter() - start
             for out in step_outputs:
                 slot.output_tokens += len(out.new_token_ids)
                 if out.finished:
