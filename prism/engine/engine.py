@@ -82,6 +82,8 @@ class Engine:
         self.kv_cache = kv_cache
         self.config = config
         self.kv = KVBlockManager(kv_cache, config.block_size, prefix_caching=config.prefix_caching)
+        if config.prefix_caching:  # other models' growth may take whole groups of prefixes
+            kv_cache.prefix_cache = self.kv
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(
             model, kv_cache.kv_caches, config.block_size, config.max_model_len

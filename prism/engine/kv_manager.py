@@ -10,9 +10,11 @@ serve the wrong KV).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Protocol
 
 from prism.engine.request import Request
+from prism.memory.tenant import ReclaimLevel
 
 
 class BlockSource(Protocol):
@@ -21,7 +23,11 @@ class BlockSource(Protocol):
     @property
     def free_blocks(self) -> int: ...
 
-    def allocate(self, count: int) -> list[int] | None: ...
+    def growth_blocks(self) -> int:
+        """Blocks the cache could add from free memory, taking none from other models."""
+        ...
+
+    def allocate(self, count: int, *, reclaim: bool | ReclaimLevel = True) -> list[int] | None: ...
 
     def free(self, blocks: list[int]) -> None: ...
 
@@ -109,9 +115,16 @@ class KVBlockManager:
         self._evictable.pop(block, None)
 
     def _get_blocks(self, count: int) -> list[int] | None:
-        blocks = self.cache.allocate(count)
+        """Blocks from, in order: mapped free blocks and free pool pages; other models'
+        spare groups and cached prefixes (`ReclaimLevel.CACHED`); this model's own cached
+        prefixes, LRU first; and only then other models' live memory (an idle model
+        sleeps, requests are preempted). A cache full of stale prefixes must never put
+        another model to sleep while prefixes could make the room."""
+        blocks = self.cache.allocate(count, reclaim=ReclaimLevel.CACHED)
         while blocks is None and self._evictable:
-            self.evict(max(count - self.cache.free_blocks, 1))
+            self.evict(max(count - self.cache.free_blocks - self.cache.growth_blocks(), 1))
+            blocks = self.cache.allocate(count, reclaim=ReclaimLevel.CACHED)
+        if blocks is None:
             blocks = self.cache.allocate(count)
         return blocks
 
@@ -161,6 +174,21 @@ class KVBlockManager:
         if victims:
             self.cache.free(victims)
         return len(victims)
+
+    def cached_blocks(self) -> Iterable[int]:
+        """Cached blocks no request holds, least recently used first (`PrefixCache`)."""
+        return self._evictable.keys()
+
+    def evict_blocks(self, blocks: list[int]) -> None:
+        """Drop these cached, unheld blocks from the prefix cache and free them."""
+        for block in blocks:
+            if block not in self._evictable:
+                raise ValueError(f"block {block} is not an unheld cached block")
+        for block in blocks:
+            del self._evictable[block]
+            del self._by_key[self._key_of.pop(block)]
+            del self._refs[block]
+        self.cache.free(blocks)
 
     def reset_prefix_cache(self) -> int:
         return self.evict(len(self._evictable))

@@ -173,6 +173,10 @@ class BlockAllocator:
             now_free = len(free_lists[group])
             self._move(group, now_free - count, now_free)
 
+    def used_in_group(self, group: int) -> int:
+        """Blocks of a mapped `group` handed out."""
+        return self.blocks_per_group - len(self._free_lists[group])
+
     def is_allocated(self, block: int) -> bool:
         return bool(self._allocated[block])
 

@@ -10,14 +10,19 @@ Capacity queries are O(1) and never call the driver. Growth takes pages from the
 `PagePool` (and maps them) only when the mapped free blocks run out; a warm reserve of
 empty mapped groups, topped up by the pool's refill thread, keeps that off the request
 path. Freeing a block is pure bookkeeping; `trim()` returns empty groups to the pool.
+
+Reclaim levels (see `ReclaimLevel`): the warm reserve, then any empty group, then groups
+holding only cached prefixes (through `prefix_cache`, the engine's block manager: those
+blocks are evicted and the groups unmapped), then live memory through `on_pressure`.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from math import lcm
+from typing import Protocol
 
 import torch
 
@@ -52,6 +57,18 @@ class KVCacheConfig:
         return 2 * self.num_layers * self.block_bytes // self.block_size
 
 
+class PrefixCache(Protocol):
+    """What the cache needs of the prefix cache kept over its blocks (`KVBlockManager`)."""
+
+    def cached_blocks(self) -> Iterable[int]:
+        """Blocks held by the prefix cache alone (no request uses them), LRU first."""
+        ...
+
+    def evict_blocks(self, blocks: list[int]) -> None:
+        """Drop these cached blocks and free them."""
+        ...
+
+
 class ElasticKVCache:
     """Blocks for one model's KV, backed by pool pages mapped on demand."""
 
@@ -82,6 +99,8 @@ class ElasticKVCache:
         # Asked for pages when the pool must take live memory (the engine preempts and
         # frees blocks, then calls trim); returns pages released.
         self.on_pressure: Callable[[int], int] | None = None
+        # Set by the engine when it caches prefixes: reclaim at CACHED evicts whole groups.
+        self.prefix_cache: PrefixCache | None = None
         self.account = pool.register(
             config.name,
             min_pages=self.group_pages,
@@ -121,8 +140,9 @@ class ElasticKVCache:
 
     # ---- blocks --------------------------------------------------------------------
 
-    def allocate(self, count: int, *, reclaim: bool = True) -> list[int] | None:
-        """`count` blocks, growing the cache if needed; None if memory cannot be had."""
+    def allocate(self, count: int, *, reclaim: bool | ReclaimLevel = True) -> list[int] | None:
+        """`count` blocks, growing the cache if needed; None if memory cannot be had.
+        `reclaim`: how deep the pool may take other tenants' memory (`PagePool.acquire`)."""
         if self.asleep:
             raise RuntimeError(f"KV cache {self.config.name!r} is asleep: wake it first")
         with self._lock:
@@ -154,7 +174,7 @@ class ElasticKVCache:
     # it, on groups marked PENDING, so the request path never waits behind a mapping and
     # no lock is held while another tenant's memory is being reclaimed.
 
-    def _grow(self, groups: int, *, reclaim: bool) -> bool:
+    def _grow(self, groups: int, *, reclaim: bool | ReclaimLevel) -> bool:
         """Map `groups` more page groups (lowest unmapped first); False if no memory."""
         count = groups * self.group_pages
         if count > self.account.headroom:
@@ -248,15 +268,36 @@ class ElasticKVCache:
             return min(empty, reserve) * self.group_pages
         if level is ReclaimLevel.FREE:  # by now reserves went first: any empty group goes
             return empty * self.group_pages
+        if level is ReclaimLevel.CACHED:
+            return len(self._cached_groups()) * self.group_pages
         return self.account.num_owned - self.group_pages if self.on_pressure else 0
 
     def shrink(self, pages: int, level: ReclaimLevel) -> int:
         if level is ReclaimLevel.PRESSURE:
             return self.on_pressure(pages) if self.on_pressure and not self.asleep else 0
+        if level is ReclaimLevel.CACHED:
+            if self.asleep or self.prefix_cache is None:
+                return 0
+            for blocks in self._cached_groups()[: -(-pages // self.group_pages)]:
+                self.prefix_cache.evict_blocks(blocks)
+            level = ReclaimLevel.FREE  # the groups are empty now: unmap them
         with self._lock:
             groups = -(-pages // self.group_pages)
             groups = min(groups, self.reclaimable(level) // self.group_pages)
         return self._shrink_groups(groups, reclaimed=True) if groups > 0 else 0
+
+    def _cached_groups(self) -> list[list[int]]:
+        """The groups (never group 0) whose every block in use is a cached prefix, as
+        their blocks, in the order of each group's least recently used block."""
+        if self.prefix_cache is None or self.asleep:
+            return []
+        bpg = self.blocks_per_group
+        by_group: dict[int, list[int]] = {}
+        for block in self.prefix_cache.cached_blocks():
+            by_group.setdefault(block // bpg, []).append(block)
+        with self._lock:
+            used = self.allocator.used_in_group
+            return [blocks for g, blocks in by_group.items() if g and len(blocks) == used(g)]
 
     def refill_reserve(self) -> None:
         """Map empty groups up to the warm reserve, from free pool pages only."""

@@ -148,12 +148,16 @@ class PagePool:
             unclaimed = len(self._free) + max(0, self.budget_pages - self._created)
             return min(account.headroom, unclaimed)
 
-    def acquire(self, name: str, count: int, *, reclaim: bool = True) -> list[int] | None:
+    def acquire(
+        self, name: str, count: int, *, reclaim: bool | ReclaimLevel = True
+    ) -> list[int] | None:
         """Give `count` pages to tenant `name`, all or none.
 
-        Returns None when the budget is spent and reclaiming (if allowed) could not free
-        enough: the caller waits or preempts. Raises `TenantLimitExceeded` when the
-        tenant's own limit forbids it, whatever the pool holds.
+        `reclaim`: False takes free pages only; a `ReclaimLevel` lets the pool take back
+        other tenants' memory down to that level; True, down to any level. Returns None
+        when the budget is spent and reclaiming could not free enough: the caller waits
+        or preempts. Raises `TenantLimitExceeded` when the tenant's own limit forbids it,
+        whatever the pool holds.
         """
         if count <= 0:
             return []
@@ -165,8 +169,9 @@ class PagePool:
                     f"{account.max_pages} (owns {account.num_owned})"
                 )
         pages = self._try_acquire(account, count)
-        if pages is None and reclaim:
-            self._reclaim(account, count)
+        if pages is None and reclaim is not False:
+            deepest = ReclaimLevel.PRESSURE if reclaim is True else ReclaimLevel(reclaim)
+            self._reclaim(account, count, deepest)
             pages = self._try_acquire(account, count)
         if pages is None:
             with self._lock:
@@ -236,8 +241,9 @@ class PagePool:
 
     # ---- reclaim ---------------------------------------------------------------------
 
-    def _reclaim(self, requester: TenantAccount, count: int) -> int:
-        """Ask other tenants for pages until `count` could be acquired; returns pages freed."""
+    def _reclaim(self, requester: TenantAccount, count: int, deepest: ReclaimLevel) -> int:
+        """Ask other tenants for pages, at levels down to `deepest`, until `count` could be
+        acquired; returns pages freed."""
         with self._lock:
             unclaimed = len(self._free) + max(0, self.budget_pages - self._created)
             need = count - unclaimed
@@ -248,6 +254,8 @@ class PagePool:
         for step in self.policy.plan(requester, need, tenants):
             if got >= need:
                 break
+            if step.level > deepest:
+                continue
             assert step.tenant.consumer is not None
             got += step.tenant.consumer.shrink(min(step.pages, need - got), step.level)
         return got

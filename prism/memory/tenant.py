@@ -12,7 +12,8 @@ class ReclaimLevel(IntEnum):
 
     RESERVE = 0  # a tenant's warm reserve: mapped ahead, holding nothing
     FREE = 1  # mapped pages beyond the reserve that hold nothing
-    PRESSURE = 2  # live data: the owner sleeps an idle model or preempts requests
+    CACHED = 2  # pages holding only cached prefixes that no request uses: lose hits only
+    PRESSURE = 3  # live data: the owner sleeps an idle model or preempts requests
 
 
 class PoolConsumer(Protocol):

@@ -171,6 +171,8 @@ class SimKVCache:
             return min(empty, self.reserve_groups) * self.group_pages
         if level is ReclaimLevel.FREE:
             return empty * self.group_pages
+        if level is ReclaimLevel.CACHED:
+            return 0  # the simulated engine caches no prefixes
         return self.account.num_owned - self.group_pages if self.on_pressure else 0
 
     def shrink(self, pages: int, level: ReclaimLevel) -> int:

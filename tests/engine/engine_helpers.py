@@ -146,7 +146,10 @@ class FakeBlockSource:
     def free_blocks(self) -> int:
         return len(self._free)
 
-    def allocate(self, count: int) -> list[int] | None:
+    def growth_blocks(self) -> int:
+        return 0  # a fixed pool: it never grows
+
+    def allocate(self, count: int, *, reclaim: object = True) -> list[int] | None:
         if count > len(self._free):
             return None
         blocks = [self._free.pop() for _ in range(count)]

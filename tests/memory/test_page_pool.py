@@ -37,13 +37,15 @@ from prism.memory import (
 
 PAGE = 64 << 10
 RESERVE, FREE, PRESSURE = ReclaimLevel.RESERVE, ReclaimLevel.FREE, ReclaimLevel.PRESSURE
+CACHED = ReclaimLevel.CACHED
 
 
 class FakeConsumer:
-    """A tenant's consumer holding real pool pages in three piles, one per reclaim level.
+    """A tenant's consumer holding real pool pages in piles, one per reclaim level.
 
-    RESERVE: warm reserve; FREE: empty pages beyond it; PRESSURE: pages holding data,
-    given up only when `yields_live`. A `busy` consumer declines every shrink.
+    RESERVE: warm reserve; FREE: empty pages beyond it; CACHED: pages holding cached
+    prefixes; PRESSURE: pages holding data, given up only when `yields_live`. A `busy`
+    consumer declines every shrink.
     """
 
     def __init__(
@@ -483,7 +485,7 @@ def _full_pool(vmm: HostVMM) -> tuple[PagePool, list[tuple[str, ReclaimLevel, in
     pool.register("a")
     for name in ("b", "c"):
         tenant = FakeConsumer(pool, name, log=log)
-        for level in ReclaimLevel:
+        for level in (RESERVE, FREE, PRESSURE):
             tenant.take(2, level)
     return pool, log
 
@@ -498,6 +500,26 @@ def test_reclaim_takes_reserves_then_free_then_pressure(vmm: HostVMM) -> None:
     assert pool.acquire("a", 5) is not None
     assert log == [("c", FREE, 2), ("b", FREE, 1), ("c", PRESSURE, 2)]
     assert pool.stats().free_pages == 0 and _owned(pool, "a") == 10
+    pool.check_integrity()
+
+
+def test_cached_prefixes_go_after_free_pages_and_before_live_ones(vmm: HostVMM) -> None:
+    """CACHED sits between FREE and PRESSURE; a grower that stops at CACHED never reaches
+    live memory, and gets nothing when only live memory could give."""
+    pool = PagePool(vmm, 8 * PAGE)
+    log: list[tuple[str, ReclaimLevel, int]] = []
+    pool.register("a")
+    b = FakeConsumer(pool, "b", log=log)
+    for level in (FREE, CACHED, PRESSURE):
+        b.take(2, level)
+    c = FakeConsumer(pool, "c", log=log)
+    c.take(2, PRESSURE)
+    assert pool.acquire("a", 3, reclaim=CACHED) is not None
+    assert log == [("b", FREE, 2), ("b", CACHED, 1)]
+    log.clear()
+    assert pool.acquire("a", 2, reclaim=CACHED) is None and log == [("b", CACHED, 1)]
+    log.clear()  # b's last cached page is free now: only one more must come from live data
+    assert pool.acquire("a", 2) is not None and log == [("b", PRESSURE, 1)]
     pool.check_integrity()
 
 

@@ -68,6 +68,9 @@ def test_kv_memory_follows_load_between_models() -> None:
     after_b = _kv_pages(worker)
     assert after_b["b"] > 4 * base["b"]
     assert after_b["a"] < after_a["a"]  # a's memory went to b
+    # ... from its cached prefixes: an idle model is not put to sleep for memory that
+    # stale prefixes can give
+    assert all(slot.sleeps == 0 for slot in worker.models.values())
     stats = worker.pool.stats()
     assert stats.owned_pages <= stats.budget_pages
     worker.check_integrity()
