@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from prism.engine.request import Request
-from prism.memory.tenant import ReclaimLevel
 
 
 class BlockSource(Protocol):
@@ -27,7 +26,11 @@ class BlockSource(Protocol):
         """Blocks the cache could add from free memory, taking none from other models."""
         ...
 
-    def allocate(self, count: int, *, reclaim: bool | ReclaimLevel = True) -> list[int] | None: ...
+    def can_allocate(self, count: int) -> bool:
+        """Could `count` blocks be had without taking memory from other models?"""
+        ...
+
+    def allocate(self, count: int) -> list[int] | None: ...
 
     def free(self, blocks: list[int]) -> None: ...
 
@@ -115,18 +118,15 @@ class KVBlockManager:
         self._evictable.pop(block, None)
 
     def _get_blocks(self, count: int) -> list[int] | None:
-        """Blocks from, in order: mapped free blocks and free pool pages; other models'
-        spare groups and cached prefixes (`ReclaimLevel.CACHED`); this model's own cached
-        prefixes, LRU first; and only then other models' live memory (an idle model
-        sleeps, requests are preempted). A cache full of stale prefixes must never put
-        another model to sleep while prefixes could make the room."""
-        blocks = self.cache.allocate(count, reclaim=ReclaimLevel.CACHED)
-        while blocks is None and self._evictable:
-            self.evict(max(count - self.cache.free_blocks - self.cache.growth_blocks(), 1))
-            blocks = self.cache.allocate(count, reclaim=ReclaimLevel.CACHED)
-        if blocks is None:
-            blocks = self.cache.allocate(count)
-        return blocks
+        """Blocks from, in order: mapped free blocks and free pool pages; this model's own
+        cached prefixes, LRU first (bookkeeping only, where taking another model's group
+        costs an unmap and a map on the request path); other models' spare groups and
+        groups of cached prefixes (`ReclaimLevel.CACHED`); and only then other models'
+        live memory (an idle model sleeps, requests are preempted). Stale prefixes never
+        put another model to sleep."""
+        if self._evictable and not self.cache.can_allocate(count):
+            self.evict(count - self.cache.free_blocks - self.cache.growth_blocks())
+        return self.cache.allocate(count)
 
     # ---- after a step ----------------------------------------------------------------
 

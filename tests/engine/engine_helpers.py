@@ -149,7 +149,10 @@ class FakeBlockSource:
     def growth_blocks(self) -> int:
         return 0  # a fixed pool: it never grows
 
-    def allocate(self, count: int, *, reclaim: object = True) -> list[int] | None:
+    def can_allocate(self, count: int) -> bool:
+        return count <= len(self._free)
+
+    def allocate(self, count: int) -> list[int] | None:
         if count > len(self._free):
             return None
         blocks = [self._free.pop() for _ in range(count)]

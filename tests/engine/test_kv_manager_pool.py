@@ -1,5 +1,6 @@
 """`KVBlockManager` over real elastic caches in one pool: growth takes memory that holds
-only cached prefixes — another model's, then the model's own — before any live memory."""
+only cached prefixes — the model's own (no driver call), then another model's (an unmap
+there, a map here) — before any live memory."""
 
 from __future__ import annotations
 
@@ -102,6 +103,19 @@ def test_own_cached_prefixes_go_before_live_memory(pool: PagePool) -> None:
     assert live.asked == []
     assert a.num_evictable == 3 and a.cache.mapped_groups == 2  # type: ignore[attr-defined]
     _check(pool, a)
+
+
+def test_own_cached_prefixes_go_before_another_models(pool: PagePool) -> None:
+    a, b = _engine_kv(pool, "a"), _engine_kv(pool, "b")
+    _cached(a, 7, seed=0)  # a: two groups, all cached
+    _cached(b, 7, seed=500)  # b: two groups, all cached; the pool is full
+    assert pool.available("b") == 0
+
+    _prefill(b, fake_request(range(1000, 1000 + 4 * BS), PARAMS))
+
+    assert a.num_evictable == 7 and a.cache.mapped_groups == 2  # type: ignore[attr-defined]
+    assert b.num_evictable == 3
+    _check(pool, a, b)
 
 
 def test_live_memory_is_asked_for_only_when_no_prefix_can_give(pool: PagePool) -> None:

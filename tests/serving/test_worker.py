@@ -35,8 +35,10 @@ def _worker(
     return worker
 
 
-def _run(worker: DeviceWorker, jobs: list[tuple[str, list[int]]]) -> dict[str, list[int]]:
-    ids = [worker.submit(model, prompt, GREEDY) for model, prompt in jobs]
+def _run(
+    worker: DeviceWorker, jobs: list[tuple[str, list[int]]], params: SamplingParams = GREEDY
+) -> dict[str, list[int]]:
+    ids = [worker.submit(model, prompt, params) for model, prompt in jobs]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     finished: set[str] = set()
     for _, out in worker.run_until_idle(max_steps=5000):
@@ -64,11 +66,13 @@ def test_kv_memory_follows_load_between_models() -> None:
     after_a = _kv_pages(worker)
     assert after_a["a"] > 4 * base["a"]
     worker.check_integrity()
-    _run(worker, [("b", _prompt(i, 900)) for i in range(12)])
+    # b's requests overlap (100 tokens out each): more live KV than the free pages hold
+    long = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    _run(worker, [("b", _prompt(i, 900)) for i in range(12)], long)
     after_b = _kv_pages(worker)
     assert after_b["b"] > 4 * base["b"]
     assert after_b["a"] < after_a["a"]  # a's memory went to b
-    # ... from its cached prefixes: an idle model is not put to sleep for memory that
+    # ... from a's cached prefixes: an idle model is not put to sleep for memory that
     # stale prefixes can give
     assert all(slot.sleeps == 0 for slot in worker.models.values())
     stats = worker.pool.stats()
