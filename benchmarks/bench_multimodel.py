@@ -46,10 +46,17 @@ from prism.models.config import ModelConfig
 from prism.models.presets import PRESETS
 from prism.serving.model_slot import ModelSpec
 from prism.serving.worker import DeviceWorker, WorkerConfig, WorkerMode
-from prism.sim.workloads import azure_lengths, servegen
+from prism.sim.workloads import (
+    Lengths,
+    SyntheticLengths,
+    Workload,
+    azure_lengths,
+    mooncake_lengths,
+    servegen,
+)
 
 GiB = 1 << 30
-SHAPES = ["llama-3.1-8b"] * 2 + ["llama-3.2-3b"] * 3 + ["llama-3.2-1b"] * 3
+SHAPES = "llama-3.1-8b:2,llama-3.2-3b:3,llama-3.2-1b:3"  # preset:count, busiest load first
 TINY = ModelConfig(
     architecture="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5,
@@ -58,8 +65,35 @@ TINY = ModelConfig(
 Arrival = tuple[float, str, list[int], SamplingParams]
 
 
-def model_configs(smoke: bool) -> dict[str, ModelConfig]:
-    return {f"m{i}": TINY if smoke else PRESETS[shape] for i, shape in enumerate(SHAPES)}
+def shape_list(spec: str) -> list[str]:
+    """ "llama-3.1-8b:2,llama-3.2-1b" → ["llama-3.1-8b", "llama-3.1-8b", "llama-3.2-1b"]."""
+    shapes = []
+    for item in spec.split(","):
+        name, _, count = item.partition(":")
+        if name not in PRESETS:
+            raise SystemExit(f"unknown shape {name!r}; known: {', '.join(sorted(PRESETS))}")
+        shapes += [name] * int(count or 1)
+    return shapes
+
+
+def model_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
+    return {
+        f"m{i}": TINY if args.smoke else PRESETS[shape]
+        for i, shape in enumerate(shape_list(args.shapes))
+    }
+
+
+def trace_lengths(args: argparse.Namespace) -> Lengths:
+    """--lengths: "azure", "mooncake", or "lognormal:PROMPT:OUTPUT" (means, CV 1)."""
+    kind, *means = args.lengths.split(":")
+    if kind == "mooncake":
+        return mooncake_lengths(args.traces, max_tokens=args.max_tokens)
+    if kind == "lognormal" and len(means) == 2:
+        prompt, output = (float(m) for m in means)
+        return SyntheticLengths(prompt, output, max_tokens=args.max_tokens)
+    if kind == "azure" and not means:
+        return azure_lengths(args.traces, max_tokens=args.max_tokens)
+    raise SystemExit(f"--lengths {args.lengths!r}: azure, mooncake or lognormal:PROMPT:OUTPUT")
 
 
 def build_worker(
@@ -97,24 +131,28 @@ def build_worker(
     return worker
 
 
-def workload(args: argparse.Namespace, rate: float, seed: int) -> list[Arrival]:
-    """ServeGen-shaped arrivals for the eight models at `rate` requests/s in all."""
-    lengths = azure_lengths(args.traces, max_tokens=args.max_tokens)
+def sim_workload(args: argparse.Namespace, rate: float, seed: int) -> Workload:
+    """ServeGen-shaped requests for the models at `rate` requests/s in all."""
+    num_models = len(shape_list(args.shapes))
     kw = dict(traces=args.traces, category=args.category, mapping="fold",
-              time_scale=args.time_scale, lengths=lengths, seed=seed)  # fmt: skip
-    base = servegen(len(SHAPES), args.seconds, **kw)  # type: ignore[arg-type]
-    scaled = servegen(
-        len(SHAPES),
+              time_scale=args.time_scale, lengths=trace_lengths(args), seed=seed)  # fmt: skip
+    base = servegen(num_models, args.seconds, **kw)  # type: ignore[arg-type]
+    return servegen(
+        num_models,
         args.seconds,
         rate_scale=rate / base.total_rate,
         **kw,  # type: ignore[arg-type]
     )
+
+
+def workload(args: argparse.Namespace, rate: float, seed: int) -> list[Arrival]:
+    """`sim_workload` as timed arrivals with random prompt tokens, for the live worker."""
     rng = random.Random(seed)
     vocab = 500 if args.smoke else 30000
     return [
         (r.arrival, f"m{r.model}", [rng.randrange(1, vocab) for _ in range(r.prompt_tokens)],
          SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True))
-        for r in sorted(scaled.requests, key=lambda r: r.arrival)
+        for r in sorted(sim_workload(args, rate, seed).requests, key=lambda r: r.arrival)
     ]  # fmt: skip
 
 
@@ -125,7 +163,7 @@ def solo_slos(args: argparse.Namespace, configs: dict[str, ModelConfig]) -> dict
     every model first, so one-off costs (kernel compiles) do not set anyone's SLO."""
     worker = build_worker(WorkerMode.PRISM, configs, args, free_running=args.free_running)
     replay(worker, workload(args, args.rates[0], seed=99)[: 4 * len(configs)])
-    lengths = azure_lengths(args.traces, max_tokens=args.max_tokens)
+    lengths = trace_lengths(args)
     by_shape: dict[ModelConfig, dict[str, Any]] = {}
     out = {}
     for i, (name, config) in enumerate(configs.items()):
@@ -226,9 +264,10 @@ def best_rates(rows: list[dict[str, Any]], scales: list[float]) -> dict[str, dic
     return out
 
 
-def main() -> None:
+def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
+    """The options of this benchmark (`sim_multimodel.py` shares them)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        description=description, formatter_class=argparse.RawTextHelpFormatter
     )
     floats = lambda t: [float(x) for x in t.split(",")]  # noqa: E731
     parser.add_argument("--traces", default=str(Path(__file__).parents[2] / "shared" / "traces"))
@@ -240,6 +279,13 @@ def main() -> None:
     parser.add_argument("--grace", type=float, default=30.0, help="cutoff after the last arrival")
     parser.add_argument("--time-scale", type=float, default=60.0, help="trace seconds per second")
     parser.add_argument("--category", default="language/m-large")
+    parser.add_argument("--shapes", default=SHAPES, help="model presets as name:count, ...")
+    parser.add_argument(
+        "--lengths", default="azure",
+        help="prompt/output lengths: 'azure' (Azure 2023 code trace: mean output 28 tokens), "
+        "'mooncake' (Mooncake FAST'25 synthetic: long prompts, mean output 149), or "
+        "'lognormal:PROMPT:OUTPUT' (log-normal with those means, CV 1)",
+    )  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=2048, help="prompt + output cap")
     parser.add_argument("--max-seqs", type=int, default=128)
     parser.add_argument(
@@ -259,7 +305,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--slos", help="JSON file with solo SLOs from an earlier run (skips them)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, short runs")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     args.device = "cpu" if args.smoke else "cuda"
     args.budget = int(args.budget_gib * GiB)
     if args.smoke:
@@ -267,13 +317,13 @@ def main() -> None:
         args.rates, args.solo_seconds, args.solo_rate, args.max_seqs = [2, 4], 4.0, 2.0, 16
         args.solo_requests = 8
         torch.set_num_threads(1)
-    configs = model_configs(args.smoke)
+    configs = model_configs(args)
     results: dict[str, Any] = {
         "benchmark": "bench_multimodel",
         "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": os.environ.get("PRISM_COMMIT", "unknown"),
-        "models": dict(zip(configs, SHAPES, strict=True)),
+        "models": dict(zip(configs, shape_list(args.shapes), strict=True)),
         "budget_gib": args.budget / GiB,
         "weights_gib": sum(c.weight_bytes(torch.bfloat16) for c in configs.values()) / GiB,
         "args": {k: v for k, v in vars(args).items() if k not in ("budget",)},

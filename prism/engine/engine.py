@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,11 +34,15 @@ from prism.models.tokenizer import Tokenizer
 @dataclass(frozen=True, slots=True)
 class StepInFlight:
     """A launched step: the requests that sample a token, their draws on the device, and
-    an event after the step's last kernel (CUDA)."""
+    an event after the step's last kernel (CUDA). An `ahead` step was launched before
+    the step it follows was read back (`EngineConfig.decode_ahead`): requests that end
+    meanwhile keep their blocks in `hold` until it has run."""
 
     requests: list[Request]
     pending: PendingSample | None
     done: torch.cuda.Event | None
+    ahead: bool = False
+    hold: list[Request] = field(default_factory=list)
 
     def ready(self) -> bool:
         """Whether `complete_step` would return without waiting for the device."""
@@ -63,6 +67,11 @@ class EngineConfig:
     # The graphs share one memory pool, as large as the biggest size's activations.
     # H200: a 1B model's 128-token prefill 5.9 -> 1.6 ms, an 8B's within 5%.
     cuda_graph_tokens: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+    # `step()` launches the next decode step before reading back this one's tokens when
+    # that step is certain (every running request decodes, nothing waits, no penalties or
+    # logprobs), so the host's work for a step runs while the device computes the one
+    # before; a request that stops meanwhile has one token computed for nothing.
+    decode_ahead: bool = True
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -95,6 +104,8 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._text: dict[str, StopChecker] = {}
         self._ids = itertools.count()
+        self._ahead: StepInFlight | None = None  # a decode step launched ahead (`step()`)
+        self._carry: list[RequestOutput] = []  # its outputs, when read back outside `step()`
         # Groups the cache can ever map: its address space, or fewer when its page limit
         # runs out first. One block is the reserved padding block.
         pages = min(kv_cache.account.max_pages, kv_cache.pool.budget_pages)
@@ -204,16 +215,20 @@ class Engine:
         req = self._requests.get(request_id)
         if req is None:
             return None
-        return self._finish(req, FinishReason.ABORT, [], [])
+        output = self._finish(req, FinishReason.ABORT, [], [])
+        if self._ahead is not None and all(r.is_finished for r in self._ahead.requests):
+            self._drain_ahead()  # nothing it computes is wanted: let its blocks go now
+        return output
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or bool(self._carry)
 
     def release_memory(self, pages: int) -> int:
         """Give KV pages back to the pool for another model: cached prefixes first, then
         running requests are preempted (by recompute) a page group at a time — the owners
         of the mapped group that the fewest requests share, so that each round empties a
         group for the fewest recomputes. Returns pages freed."""
+        self._drain_ahead()  # no block of a step still running may move
         self.kv.reset_prefix_cache()
         released = self.kv_cache.trim(0)
         while released < pages:
@@ -247,10 +262,66 @@ class Engine:
         """One whole step: schedule, run, sample, postprocess (waits for the device).
         While the device runs it, the KV cache's warm reserve is mapped up again, so the
         next steps' growth takes mapped pages instead of driver calls (a worker does the
-        same for all its models: `PagePool.refill_reserves`)."""
-        step = self.launch_step(self.schedule())
+        same for all its models: `PagePool.refill_reserves`). With `decode_ahead`, the
+        next decode step is launched before this one is read back (see `_launch_ahead`);
+        the next call then starts from it instead of scheduling."""
+        if self._ahead is not None:
+            step: StepInFlight | None = self._ahead
+            self._ahead = None
+        else:
+            step = self.launch_step(self.schedule())
+        if self.config.decode_ahead:
+            self._ahead = self._launch_ahead(step)
         self.kv_cache.refill_reserve()
-        return self.complete_step(step)
+        outputs = self._carry + self.complete_step(step)
+        self._carry = []
+        if self._ahead is not None and all(r.is_finished for r in self._ahead.requests):
+            self._drain_ahead()  # every request in it ended in the step before
+        return outputs
+
+    def _launch_ahead(self, step: StepInFlight | None) -> StepInFlight | None:
+        """The decode step after `step`, launched before `step`'s tokens are read back, if
+        it is certain: `step` sampled every running request, none of its tokens can be
+        the last by length, nothing waits to be admitted, and no request needs its own
+        history on the host to sample (penalties) or its logits kept (logprobs). Each
+        request's newest token is taken on the device from `step`'s draws."""
+        if step is None or step.pending is None or self.scheduler.waiting:
+            return None
+        requests = step.requests
+        running = self.scheduler.running
+        if len(requests) != len(running):
+            return None
+        members = {r.request_id for r in requests}
+        limit = self.config.max_model_len
+        for req in running:
+            p = req.params
+            if (
+                req.request_id not in members
+                or req.num_computed_tokens != req.num_tokens
+                or req.num_output_tokens + 1 >= p.max_tokens
+                or req.num_tokens + 1 >= limit
+                or p.logprobs is not None
+                or self.sampler.uses_history(req)
+            ):
+                return None
+        for req in requests:  # a slot for the position the token being drawn will take
+            if not self.kv.allocate(req, 1):
+                return None
+        logits = self.runner.execute_ahead(requests, step.pending.tokens)
+        for req in requests:
+            req.num_computed_tokens += 1  # its blocks are published when its token is known
+        pending = self.sampler.launch(logits, requests)
+        done = None
+        if self.runner.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return StepInFlight(list(requests), pending, done, ahead=True)
+
+    def _drain_ahead(self) -> None:
+        """Wait for a step launched ahead and keep its outputs for the next `step()`."""
+        if self._ahead is not None:
+            step, self._ahead = self._ahead, None
+            self._carry += self.complete_step(step)
 
     def schedule(self) -> ScheduledBatch:
         """Choose this step's requests and give them KV blocks. Every memory change of the
@@ -278,21 +349,29 @@ class Engine:
             return []
         if step.done is not None:
             step.done.synchronize()  # whatever stream the step was launched on
+        for req in step.hold:  # ended while this step ran: its blocks are free now
+            self.kv.free(req)
         if step.pending is None:
             return []
         result = self.sampler.collect(step.pending, step.requests)
-        return [
-            self._append(req, token, lp)
-            for req, token, lp in zip(step.requests, result.token_ids, result.logprobs, strict=True)
-        ]
+        outputs = []
+        for req, token, lp in zip(step.requests, result.token_ids, result.logprobs, strict=True):
+            if req.is_finished:
+                continue  # stopped or aborted after this step was launched ahead
+            outputs.append(self._append(req, token, lp, commit=step.ahead))
+        return outputs
 
     def _advance(self, batch: ScheduledBatch) -> None:
         for req, count in zip(batch.requests, batch.num_tokens, strict=True):
             req.num_computed_tokens += count
             self.kv.commit(req)
 
-    def _append(self, req: Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+    def _append(
+        self, req: Request, token: int, logprobs: TokenLogprobs | None, *, commit: bool = False
+    ) -> RequestOutput:
         req.token_ids.append(token)
+        if commit:  # a step launched ahead publishes its blocks once their tokens are known
+            self.kv.commit(req)
         new_logprobs = [logprobs] if logprobs is not None else []
         req.logprobs += new_logprobs
         if req.first_token_time is None:
@@ -319,7 +398,12 @@ class Engine:
         self, req: Request, reason: FinishReason, tokens: list[int], logprobs: list[TokenLogprobs]
     ) -> RequestOutput:
         if req.status is not RequestStatus.FINISHED:
-            self.scheduler.finish(req)
+            ahead = self._ahead
+            if ahead is not None and any(r is req for r in ahead.requests):
+                self.scheduler.finish(req, free=False)  # the step ahead still writes its KV
+                ahead.hold.append(req)
+            else:
+                self.scheduler.finish(req)
         req.finish_reason = reason
         text = self._text.pop(req.request_id, None)
         delta = text.release(finished=True) if text else ""
@@ -343,6 +427,8 @@ class Engine:
         )
 
     def close(self) -> None:
+        self._drain_ahead()
+        self._carry = []  # nobody steps a closed engine: its outputs go with it
         for request_id in list(self._requests):
             self.abort(request_id)
         self.kv.reset_prefix_cache()

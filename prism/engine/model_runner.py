@@ -58,6 +58,31 @@ class ModelRunner:
             return self._replay(batch), list(range(len(batch)))
         if self._mixed is not None and self._mixed.fits(batch):
             return self._replay_mixed(batch)
+        return self._eager(batch)
+
+    @torch.inference_mode()
+    def execute_ahead(self, requests: Sequence[Request], next_ids: torch.Tensor) -> torch.Tensor:
+        """A decode step for `requests` whose newest tokens are still on the device, being
+        sampled by the step before: `next_ids` [n], in row order. Each request computes
+        position `num_computed_tokens` (its KV slot must be allocated). Returns logits
+        [n, V]; every row samples."""
+        n = len(requests)
+        if self._graphs and n <= max(self._graphs):
+            assert self._static is not None
+            size = min(s for s in self._graphs if s >= n)
+            self._static.stage(requests, size, next_ids)
+            self._graphs[size].replay()
+            return self._static.logits[size][:n]
+        positions = [req.num_computed_tokens for req in requests]
+        meta = AttentionMetadata.build(
+            [1] * n, [p + 1 for p in positions], [req.block_ids for req in requests],
+            self.block_size, self.device,
+        )  # fmt: skip
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model.forward(next_ids, pos, self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+    def _eager(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -212,15 +237,20 @@ class _DecodeBuffers:
             seq_lens_cpu=(1,) * size,
         )
 
-    def stage(self, requests: Sequence[Request], size: int) -> None:
-        """Fill rows 0..size-1 (real requests, then padding) and copy them to the device."""
+    def stage(
+        self, requests: Sequence[Request], size: int, next_ids: torch.Tensor | None = None
+    ) -> None:
+        """Fill rows 0..size-1 (real requests, then padding) and copy them to the device.
+        Each row computes position `num_computed_tokens`: the newest token, read from the
+        request or, with `next_ids` (on the device, one per row), from there."""
         ids, pos = self.host_ids.numpy(), self.host_pos.numpy()
         slots, lens = self.host_slots.numpy(), self.host_lens.numpy()
         tables, bs, rows = self._tables_np, self.block_size, self._rows
         for i, req in enumerate(requests):
-            p = req.num_tokens - 1  # the newest token is the one to compute
+            p = req.num_computed_tokens
             blocks = req.block_ids
-            ids[i] = req.token_ids[p]
+            if next_ids is None:
+                ids[i] = req.token_ids[p]
             pos[i] = p
             lens[i] = p + 1
             slots[i] = blocks[p // bs] * bs + p % bs
@@ -241,6 +271,8 @@ class _DecodeBuffers:
             (self.tables, self.host_tables),  # whole rows: one contiguous copy
         ):  # fmt: skip
             dst[:size].copy_(src[:size], non_blocking=True)
+        if next_ids is not None:
+            self.ids[: len(requests)].copy_(next_ids)  # stream order: after they are drawn
 
 
 class _MixedBuffers:

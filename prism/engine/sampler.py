@@ -57,6 +57,12 @@ class Sampler:
                 tokens[i] = self._draw(logits[i], req)
         return PendingSample(tokens, raw)
 
+    @staticmethod
+    def uses_history(req: Request) -> bool:
+        """Whether drawing `req`'s next token reads its tokens so far (penalties)."""
+        p = req.params
+        return p.repetition_penalty != 1.0 or bool(p.frequency_penalty or p.presence_penalty)
+
     def collect(self, pending: PendingSample, requests: Sequence[Request]) -> SampleResult:
         """Read the tokens back (this waits for the device) and the logprobs asked for."""
         token_list = pending.tokens.tolist()

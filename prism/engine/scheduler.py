@@ -119,11 +119,13 @@ class Scheduler:
         self.running.remove(req)
         self._preempt(req, ScheduledBatch())
 
-    def finish(self, req: Request) -> None:
-        """Remove a finished or aborted request and free its blocks."""
+    def finish(self, req: Request, *, free: bool = True) -> None:
+        """Remove a finished or aborted request and free its blocks (unless `free` is
+        False: a step still in flight uses them, and the caller frees them after it)."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req)
+        if free:
+            self.kv.free(req)
         req.status = RequestStatus.FINISHED

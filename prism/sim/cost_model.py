@@ -120,24 +120,24 @@ GPUS = {"H200": H200, "H100": H100}
 class Calibration:
     """Measured factors between real step times and their physical floors."""
 
-    decode_overhead: float = 1.3246  # engine step / floor, batch 1..128 (8B, ctx 512), fitted
+    decode_overhead: float = 1.3667  # engine step / floor, batch 1..128 (8B, ctx 512), fitted
     # prefill achieved / matmul rate, by tokens in the step (8B): 512, 2048, 8192 tokens
     prefill_points: tuple[tuple[int, float], ...] = ((512, 0.757), (2048, 0.791), (8192, 0.711))
     # wake / (bytes / H2D), least-squares slope over 1B, 3B, 8B (the copy runs as the
     # pages map, so a wake is close to the bare copy)
     wake_overhead: float = 1.001
     wake_fixed_s: float = 0.0059  # its intercept: per-wake work that does not scale with bytes
-    unmap_s_per_gib: float = 0.0113  # sleep: unmapping 1 GiB of pages (bench_memory shrink)
+    unmap_s_per_gib: float = 0.0105  # sleep: unmapping 1 GiB of pages (bench_memory shrink)
     # Host work of an engine step, whatever the model (scheduling, inputs, sampling), and
     # per sequence in it; the H200 results fit only the latter (one model's rows: a fixed
     # term would take the whole step, see `from_results`).
     step_fixed_s: float = 0.0
-    seq_fixed_s: float = 9.441e-06
+    seq_fixed_s: float = 7.603e-06
     # Host time per layer of an eager step (with a prefill chunk, so no CUDA graph): the
     # floor of such a step when launching kernels takes longer than running them.
     eager_layer_s: float = 0.0
     roofline: str = "max"  # decode memory and compute time: "max" (overlapped) or "sum"
-    source: str = "defaults (H200 runs of commits d527b03, dee4692)"
+    source: str = "defaults (H200 runs of commits 69b02ec, 171400a, d527b03, dee4692)"
     _tokens: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

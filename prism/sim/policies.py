@@ -20,6 +20,9 @@ GPU admits requests, and when a model sleeps.
   with no controller — elastic memory and its pressure hooks, each engine first come
   first served, no idle timer (a model sleeps only when memory is wanted). What
   `benchmarks/validate_sim.py` compares the live worker with.
+- `prism-worker-resident` (not in the default set): `prism-worker` with every model
+  resident from the start, as `benchmarks/bench_multimodel.py` starts its worker;
+  `spatial-even`: `spatial` with even KV quotas, as the worker's `static` mode.
 - `prism+`: `ComputeAwarePlacement` (compute term, hysteresis, a cap of one move per GPU
   per minute, residence time) re-run every 10 s, and `EvictionPolicy`'s score: idle
   models sleep only under memory pressure, cheapest expected wake stall first.
@@ -156,6 +159,31 @@ class Spatial(Policy):
                 sim.gpus[g].wake_now(instance, 0.0)
 
 
+class SpatialEven(Spatial):
+    """`spatial` with the KV memory split evenly between a GPU's models, whatever their
+    rates: what `DeviceWorker`'s `static` mode does."""
+
+    name = "spatial-even"
+
+    def setup(self, sim: Simulator) -> None:
+        budget = sim.gpus[0].config.budget_bytes
+        overhead = sim.gpus[0].config.model_overhead_bytes
+        members: list[list[int]] = [[] for _ in sim.gpus]
+        free = [budget] * len(sim.gpus)
+        for m, model in enumerate(sim.models):  # model order, the least filled GPU
+            need = model.shape.weight_bytes + overhead + sim.gpus[0].config.page_size
+            fits = [g for g in range(len(sim.gpus)) if free[g] >= need]
+            if fits:
+                g = max(fits, key=lambda g: (free[g], -g))
+                members[g].append(m)
+                free[g] -= model.shape.weight_bytes + overhead
+        for g, models in enumerate(members):
+            page = sim.gpus[g].config.page_size
+            for m in models:
+                quota = free[g] // len(models) - page  # weights round up to whole pages
+                sim.gpus[g].wake_now(sim.place(m, g, kv_max_bytes=quota), 0.0)
+
+
 class Swap(Policy):
     """Models dealt over GPUs by descending rate (round robin); one resident per GPU."""
 
@@ -175,6 +203,7 @@ class PrismConfig:
     idle_threshold_s: float = 45.0  # no model idle for less than this is evicted
     pressure_gated: bool = False  # evict only under memory pressure, by EvictionPolicy's score
     low_water_fraction: float = 0.05  # free memory below this share of a GPU is pressure
+    start_resident: bool = False  # models placed at the start are woken at once, free
 
 
 class PrismPolicy(Policy):
@@ -209,6 +238,10 @@ class PrismPolicy(Policy):
     def setup(self, sim: Simulator) -> None:
         self.placement = self.make_placement(len(sim.gpus))
         self._replace(sim, 0.0)
+        if self.config.start_resident:  # as far as memory goes, in model order
+            for gpu in sim.gpus:
+                for instance in list(gpu.instances.values()):
+                    gpu.wake_now(instance, 0.0)
 
     def on_arrival(self, sim: Simulator, request: SimRequest, now: float) -> None:
         self.stats[request.model].arrive(request, now)
@@ -283,6 +316,11 @@ def _prism_worker() -> Policy:
     return PrismPolicy("prism-worker", lambda gpus: KVPressurePlacement(), no_timer, FIFOOrder)
 
 
+def _prism_worker_resident() -> Policy:
+    config = PrismConfig(idle_threshold_s=math.inf, start_resident=True)
+    return PrismPolicy("prism-worker-resident", lambda g: KVPressurePlacement(), config, FIFOOrder)
+
+
 def _prism_plus_placement(gpus: int) -> PlacementPolicy:
     """ComputeAwarePlacement with its move cap scaled to the cluster: one move per GPU
     per window (at least the default 2). A cluster-wide 2 per minute moved the neighbours
@@ -306,7 +344,12 @@ POLICIES = {
     "prism+": _prism_plus,
 }
 # accepted by name, not run by default
-ABLATIONS = {"prism-no-tau": _prism_no_tau, "prism-worker": _prism_worker}
+ABLATIONS = {
+    "prism-no-tau": _prism_no_tau,
+    "prism-worker": _prism_worker,
+    "prism-worker-resident": _prism_worker_resident,
+    "spatial-even": SpatialEven,
+}
 KNOWN = {**POLICIES, **ABLATIONS}
 
 

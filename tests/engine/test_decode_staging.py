@@ -21,12 +21,14 @@ def _request(rng: random.Random, i: int) -> Request:
     req = Request(f"r{i}", list(range(n)), SamplingParams())
     req.token_ids = [rng.randrange(1000) for _ in range(n)]
     req.block_ids = [rng.randrange(1, 500) for _ in range(-(-n // BS))]
+    req.num_computed_tokens = n - 1  # decoding: the newest token is the one to compute
     return req
 
 
 def _grow(rng: random.Random, req: Request) -> None:
     """One decoded token: a new block when the last one is full (appended in place)."""
     req.token_ids.append(rng.randrange(1000))
+    req.num_computed_tokens += 1
     if len(req.token_ids) > len(req.block_ids) * BS:
         req.block_ids.append(rng.randrange(1, 500))
 
@@ -66,6 +68,26 @@ def test_staged_rows_equal_a_fresh_staging_after_every_step() -> None:
             assert tables[i, : len(req.block_ids)].tolist() == req.block_ids
         for i in range(len(running), size):  # padding: one token in block 0, slot 0
             assert buffers.seq_lens[i] == 1 and buffers.slots[i] == 0 and tables[i, 0] == 0
+
+
+def test_a_step_ahead_takes_its_tokens_from_the_device() -> None:
+    """Staged ahead of the step before (`next_ids`): each row computes the position after
+    its last known token, with the token drawn on the device, in a slot of its blocks."""
+    rng = random.Random(1)
+    buffers = _DecodeBuffers(8, 64, BS, torch.device("cpu"))
+    running = [_request(rng, i) for i in range(5)]
+    for req in running:
+        req.num_computed_tokens += 1  # the step before computed the newest token
+        req.block_ids.append(rng.randrange(1, 500))  # the slot of the token being drawn
+    drawn = torch.tensor([rng.randrange(1000) for _ in running])
+    buffers.stage(running, 8, drawn)
+    tables = buffers.tables.numpy()
+    for i, req in enumerate(running):
+        p = req.num_tokens  # the position of the token still on the device
+        assert buffers.ids[i] == drawn[i] and buffers.pos[i] == p and buffers.seq_lens[i] == p + 1
+        assert buffers.slots[i] == req.block_ids[p // BS] * BS + p % BS
+        assert tables[i, : len(req.block_ids)].tolist() == req.block_ids
+    assert buffers.seq_lens[5:8].tolist() == [1, 1, 1] and buffers.slots[5:8].tolist() == [0] * 3
 
 
 def test_decode_splits_fill_the_sms_for_small_batches_only() -> None:
