@@ -91,6 +91,16 @@ def solo_slos(args: Any, shapes: list[ModelShape]) -> dict[str, Any]:
     return out
 
 
+def by_shape(given: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Solo SLOs for models m0.. of shapes `names`, from a bench_multimodel JSON's, matched
+    by shape (its `models` map says each model's shape)."""
+    per_shape = {given["models"][m]: slo for m, slo in given["solo"].items()}
+    missing = sorted(set(names) - set(per_shape))
+    if missing:
+        raise SystemExit(f"no solo SLO for {', '.join(missing)} in the given file")
+    return {f"m{i}": per_shape[name] for i, name in enumerate(names)}
+
+
 def _p95(values: np.ndarray) -> float:
     return float(values[min(len(values) - 1, int(0.95 * len(values)))]) if len(values) else 0.0
 
@@ -106,7 +116,8 @@ def main() -> None:
     shapes = [ModelShape.from_config(name, PRESETS[name]) for name in names]
     live = json.loads(Path(args.live).read_text()) if args.live else None
     if args.slos or live:
-        solo = (live or json.loads(Path(args.slos).read_text()))["solo"]
+        given = live or json.loads(Path(args.slos).read_text())
+        solo = by_shape(given, names)
     else:
         solo = solo_slos(args, shapes)
     slos = [(solo[f"m{i}"]["ttft_p95_s"], solo[f"m{i}"]["tpot_p95_s"]) for i in range(len(names))]
