@@ -763,7 +763,7 @@ class PoolMachine(RuleBasedStateMachine):
         """What the policy may take from `tenant` for `requester`, over all levels."""
         account, asking = tenant.account, requester.account
         guaranteed = asking.num_owned < asking.min_pages
-        pages = tenant.count(RESERVE) + tenant.count(FREE)
+        pages = tenant.count(RESERVE) + tenant.count(FREE) + tenant.count(CACHED)
         if tenant.yields_live and (account.priority <= asking.priority or guaranteed):
             pages += tenant.count(PRESSURE)
         return max(0, min(pages, account.num_owned - account.min_pages))

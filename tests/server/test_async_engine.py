@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -98,17 +99,25 @@ def test_step_failure_fails_requests_in_flight_and_thread_survives(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner = engine.engine.runner
-    execute = runner.execute
+    execute, execute_ahead = runner.execute, runner.execute_ahead
     calls = 0
 
-    def fail_third_step(batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+    def count() -> None:  # the third step fails, launched ahead or not
         nonlocal calls
         calls += 1
         if calls == 3:
             raise RuntimeError("device lost")
+
+    def fail_third_step(batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        count()
         return execute(batch)
 
+    def fail_third_step_ahead(requests: Any, next_ids: torch.Tensor) -> torch.Tensor:
+        count()
+        return execute_ahead(requests, next_ids)
+
     monkeypatch.setattr(runner, "execute", fail_third_step)
+    monkeypatch.setattr(runner, "execute_ahead", fail_third_step_ahead)
 
     async def run() -> list[object]:
         jobs = (_collect(engine, f"r{i}", 20) for i in range(3))
