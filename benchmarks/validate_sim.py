@@ -285,15 +285,22 @@ def run_live(
 ) -> tuple[Latencies, dict[str, Any]]:
     """Replay `workload` with every model asleep at the start (as the sim starts them)."""
     all_asleep(worker)
-    before = {m.name: (m.wakes, m.sleeps) for m in worker.stats().models}
+    start = worker.stats()
+    before = {m.name: (m.wakes, m.sleeps) for m in start.models}
     vocab = min(c.vocab_size for c in setup.models.values())
     arrivals = live_arrivals(workload, names, vocab, seed)
     summary, records = replay(worker, arrivals, cutoff_s=workload.duration_s + setup.grace_s)
     worker.run_until_idle()  # aborted requests leave nothing behind
     worker.check_integrity()
-    after = worker.stats().models
+    end = worker.stats()
+    after = end.models
     summary["wakes"] = sum(m.wakes - before[m.name][0] for m in after)
     summary["sleeps"] = sum(m.sleeps - before[m.name][1] for m in after)
+    # Where the worker's rounds went: the host's work before waiting, and the wait
+    rounds = end.rounds - start.rounds
+    summary["rounds"] = rounds
+    summary["round_host_ms"] = 1e3 * (end.round_host_s - start.round_host_s) / max(1, rounds)
+    summary["round_wait_ms"] = 1e3 * (end.round_wait_s - start.round_wait_s) / max(1, rounds)
     return Latencies.from_records(records, workload), summary
 
 
@@ -727,6 +734,9 @@ def print_rate(row: dict[str, Any]) -> None:
     print(f"{row['rate']:5.2f} req/s: {row['requests']} requests; finished live "
           f"{live['finished']}, sim {sim['finished']}; wakes/sleeps live {live['wakes']}/"
           f"{live['sleeps']}, sim {sim['wakes']}/{sim['sleeps']}", flush=True)  # fmt: skip
+    if "rounds" in live:  # recorded since c56bdd1
+        print(f"       live worker: {live['rounds']} rounds, host {live['round_host_ms']:.2f} ms "
+              f"+ wait {live['round_wait_ms']:.2f} ms a round", flush=True)  # fmt: skip
 
 
 def main() -> None:

@@ -108,6 +108,12 @@ class WorkerStats:
     budget_bytes: int
     free_bytes: int
     models: tuple[ModelStats, ...] = field(default_factory=tuple)
+    # `step()` calls that launched a step, and where their time went: the host's work
+    # before waiting (scheduling, wakes, staging and launching, reserve refills) and the
+    # wait for the device (rounds: the round's steps; free running: the first to end)
+    rounds: int = 0
+    round_host_s: float = 0.0
+    round_wait_s: float = 0.0
 
 
 class _Busy:
@@ -132,6 +138,9 @@ class DeviceWorker:
         self._pending: deque[_Pending] = deque()
         self._owner: dict[str, str] = {}  # request id -> model name
         self._turn = 0
+        self._rounds = 0  # `step()` calls that launched something, and their time
+        self._round_host_s = 0.0
+        self._round_wait_s = 0.0
         # The model on whose behalf memory is being taken right now, and its priority
         # (the worker is single-threaded): busy models are preempted only for higher
         # priority, or for an equal one when they hold more than a fair share of the KV.
@@ -367,6 +376,7 @@ class DeviceWorker:
         for each in turn and take its outputs, so co-located models' kernels overlap on
         the device; free running, take the outputs of every step that has ended, waiting
         only when none has."""
+        started = time.perf_counter()
         outputs, self._settled = self._settled, []
         errors, self._settle_errors = self._settle_errors, {}
         free = self.config.free_running
@@ -408,7 +418,12 @@ class DeviceWorker:
             if step is not None:
                 self._in_flight[name] = (step, time.perf_counter())
         self.pool.refill_reserves()  # while the GPU runs the steps: keep reserves mapped
+        launched = time.perf_counter()
         self._collect(outputs, errors, wait="all" if not free else "none" if outputs else "any")
+        if batches:
+            self._rounds += 1
+            self._round_host_s += launched - started
+            self._round_wait_s += time.perf_counter() - launched
         # Protected now: the models with a step in flight, and those woken with work that
         # have not been scheduled yet (woken in this call's memory phase, or since).
         self._protected = set(self._in_flight) | {
@@ -526,7 +541,7 @@ class DeviceWorker:
         free = (pool.budget_pages - pool.owned_pages) * pool.page_size
         return WorkerStats(
             self.config.device, self.config.mode.value, self.config.budget_bytes, free,
-            tuple(models),
+            tuple(models), self._rounds, self._round_host_s, self._round_wait_s,
         )  # fmt: skip
 
     def check_integrity(self) -> None:

@@ -244,3 +244,15 @@ def test_host_budget_drops_least_recently_used_host_copies() -> None:
     assert sum(m.host_bytes for m in worker.stats().models) <= 2 * one
     worker.check_integrity()
     worker.close()
+
+
+def test_stats_count_rounds_and_their_time() -> None:
+    """Every `step()` that launched something is a round, its time split into the host's
+    work before the wait and the wait; a step with nothing to do is not counted."""
+    worker = _worker(24)
+    assert worker.step() == [] and worker.stats().rounds == 0
+    _run(worker, [("a", _prompt(1, 40)), ("b", _prompt(2, 40))])
+    stats = worker.stats()
+    assert stats.rounds >= GREEDY.max_tokens  # one token per round at most
+    assert stats.round_host_s > 0 and stats.round_wait_s >= 0
+    worker.close()
