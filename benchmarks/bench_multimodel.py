@@ -45,6 +45,7 @@ from prism.engine import EngineConfig, SamplingParams
 from prism.models.config import ModelConfig
 from prism.models.presets import PRESETS
 from prism.serving.model_slot import ModelSpec
+from prism.serving.policies.slo import SLO
 from prism.serving.worker import DeviceWorker, WorkerConfig, WorkerMode
 from prism.sim.workloads import (
     Lengths,
@@ -98,10 +99,12 @@ def trace_lengths(args: argparse.Namespace) -> Lengths:
 
 def build_worker(
     mode: WorkerMode, configs: dict[str, ModelConfig], args: argparse.Namespace,
-    free_running: bool = False,
+    free_running: bool = False, slos: dict[str, Any] | None = None,
 ) -> DeviceWorker:  # fmt: skip
     """All eight models on one worker; engines built (and CUDA graphs captured) before
-    any measurement: each model is woken once."""
+    any measurement: each model is woken once. With `slos` (solo p95s), `prism` orders
+    each round by its requests' slack (`WorkerConfig`, `ModelSpec.slo`: SLO = the first
+    `--slo-scales` value × the solo p95); the baselines go first come, first served."""
     engine = EngineConfig(
         max_model_len=args.max_tokens + 64, max_num_seqs=args.max_seqs,
         max_num_batched_tokens=args.step_tokens,
@@ -121,8 +124,13 @@ def build_worker(
     )
     for name, config in configs.items():
         kv = share if mode is WorkerMode.STATIC else None
+        slo = None
+        if slos is not None and mode is WorkerMode.PRISM and not args.fifo:
+            scale = args.slo_scales[0]
+            solo = slos[name]
+            slo = SLO(scale * solo["ttft_p95_s"], scale * solo["tpot_p95_s"])
         worker.add_model(
-            ModelSpec(name, config, load_format="dummy", engine=engine, max_kv_bytes=kv)
+            ModelSpec(name, config, load_format="dummy", engine=engine, max_kv_bytes=kv, slo=slo)
         )
         if mode is not WorkerMode.STATIC:  # static mode woke it on adding
             assert worker.wake(name), f"{name} does not fit"
@@ -218,7 +226,7 @@ def sweep(
         raise SystemExit(f"mode {name!r}: the only suffix is ':free'")
     mode = WorkerMode(base)
     free = args.free_running or stepping == "free"
-    worker = build_worker(mode, configs, args, free_running=free)
+    worker = build_worker(mode, configs, args, free_running=free, slos=slos)
     replay(worker, workload(args, args.rates[0], seed=99)[: 4 * len(configs)])  # warm-up
     rows: list[dict[str, Any]] = []
     for rate in args.rates:
@@ -304,6 +312,10 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
         "(WorkerConfig), not in rounds; a mode written 'prism:free' is free running alone",
     )  # fmt: skip
     parser.add_argument("--slos", help="JSON file with solo SLOs from an earlier run (skips them)")
+    parser.add_argument(
+        "--fifo", action="store_true",
+        help="prism schedules its models in turn each round, not by their requests' slack",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, short runs")
     return parser
 

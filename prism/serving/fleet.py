@@ -416,7 +416,7 @@ def describe_model(fleet: FleetConfig, index: int, dtype: torch.dtype) -> ModelD
         engine = dataclasses.replace(engine, max_num_seqs=m.max_num_seqs)
     spec = ModelSpec(
         m.name, source, m.load_format, dtype=dtype, priority=m.priority, max_kv_bytes=max_kv,
-        engine=engine,
+        engine=engine, slo=m.slo,
     )  # fmt: skip
     return ModelDescription(spec, weights, config.kv_bytes_per_token(dtype))
 

@@ -27,6 +27,7 @@ from prism.models.checkpoint import open_checkpoint
 from prism.models.config import ModelConfig
 from prism.models.llama import LlamaModel
 from prism.models.weights import init_dummy_weights, weight_specs
+from prism.serving.policies.slo import SLO
 
 log = logging.getLogger("prism.serving")
 
@@ -47,6 +48,7 @@ class ModelSpec:
     priority: int = 0  # higher keeps its memory longer under pressure
     max_kv_bytes: int | None = None  # limit on this model's KV cache; None: the device budget
     engine: EngineConfig = field(default_factory=EngineConfig)
+    slo: SLO | None = None  # orders admission across the device's models (`DeviceWorker`)
 
 
 class ModelSlot:

@@ -256,3 +256,57 @@ def test_stats_count_rounds_and_their_time() -> None:
     assert stats.rounds >= GREEDY.max_tokens  # one token per round at most
     assert stats.round_host_s > 0 and stats.round_wait_s >= 0
     worker.close()
+
+
+def _schedule_order(worker: DeviceWorker) -> list[str]:
+    """Records the order in which the models' engines are scheduled."""
+    order: list[str] = []
+    for name, slot in worker.models.items():
+        assert slot.engine is not None
+        schedule = slot.engine.schedule
+
+        def recorded(name: str = name, schedule: object = schedule) -> object:
+            order.append(name)
+            return schedule()  # type: ignore[operator]
+
+        slot.engine.schedule = recorded  # type: ignore[method-assign]
+    return order
+
+
+def test_rounds_admit_the_most_urgent_model_first() -> None:
+    """With SLOs, the round schedules (takes memory and launches) first the model whose
+    waiting requests the local scheduler admits first: the tight-SLO model's, though it
+    arrived later; without them, the models take turns."""
+    from prism.serving.policies.slo import SLO
+
+    def worker_with(slos: dict[str, SLO | None]) -> DeviceWorker:
+        worker = DeviceWorker(WorkerConfig(budget_bytes=24 << 20))
+        for name, slo in slos.items():
+            worker.add_model(ModelSpec(name, TINY, load_format="dummy", engine=ENGINE, slo=slo))
+            worker.wake(name)
+        return worker
+
+    loose, tight = SLO(ttft_s=60.0, tpot_s=1.0), SLO(ttft_s=0.5, tpot_s=1.0)
+    worker = worker_with({"a": loose, "b": tight})
+    order = _schedule_order(worker)
+    for _ in range(3):  # the rotation would put b first on every other round
+        worker.submit("a", _prompt(1, 30), GREEDY)
+        worker.submit("b", _prompt(2, 30), GREEDY)
+        order.clear()
+        worker.step()
+        assert order == ["b", "a"]
+        worker.run_until_idle()
+    worker.close()
+
+    worker = worker_with({"a": None, "b": tight})  # an SLO missing: turns
+    order = _schedule_order(worker)
+    worker.submit("a", _prompt(1, 30), GREEDY)
+    worker.submit("b", _prompt(2, 30), GREEDY)
+    firsts = []
+    for _ in range(2):
+        order.clear()
+        worker.step()
+        firsts.append(order[0])
+    assert sorted(firsts) == ["a", "b"]
+    worker.run_until_idle()
+    worker.close()
