@@ -9,9 +9,10 @@ goes where the answer is not known.
 
 Modes and the simulator policies that stand for them:
 
-- `prism` → `prism-worker-resident`: one `DeviceWorker` on its own, every model resident
-  at the start: elastic memory with its pressure hooks, each engine first come first
-  served, a model sleeps only when memory is wanted;
+- `prism` → `prism-worker-slo`: one `DeviceWorker` on its own, every model resident at
+  the start: elastic memory with its pressure hooks, admission by Moore–Hodgson on the
+  SLOs (the live worker orders its rounds by it), a model sleeps only when memory is
+  wanted; with `--fifo`, `prism-worker-resident` (first come, first served);
 - `static` → `spatial-even`: every model resident, the KV memory split evenly;
 - `swap` → `swap`: one model resident at a time, swapped whole on demand.
 
@@ -46,7 +47,7 @@ from prism.sim.request import SimModel
 from prism.sim.simulator import SimConfig, Simulator
 from prism.sim.workloads import RequestSpec, Workload
 
-POLICY = {"prism": "prism-worker-resident", "static": "spatial-even", "swap": "swap"}
+POLICY = {"prism": "prism-worker-slo", "static": "spatial-even", "swap": "swap"}
 GiB = 1 << 30
 
 
@@ -141,8 +142,12 @@ def main() -> None:
     print(f"weights {weights / GiB:.1f} GiB of {args.budget / GiB:.0f} GiB")
     for mode in args.modes.split(","):
         args.policy = POLICY[mode.partition(":")[0]]
+        if args.fifo and args.policy == "prism-worker-slo":
+            args.policy = "prism-worker-resident"
         for rate in args.rates:
-            result = simulate(args, sim_workload(args, rate, seed=1), shapes, slos)
+            scale = args.slo_scales[0]  # what the live worker orders by (bench_multimodel)
+            scaled = [(scale * ttft, scale * tpot) for ttft, tpot in slos]
+            result = simulate(args, sim_workload(args, rate, seed=1), shapes, scaled)
             att = {
                 str(s): _ttft_tpot(result.attainment(base_ttft * s, base_tpot * s))
                 for s in args.slo_scales

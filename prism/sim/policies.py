@@ -21,7 +21,8 @@ GPU admits requests, and when a model sleeps.
   first served, no idle timer (a model sleeps only when memory is wanted). What
   `benchmarks/validate_sim.py` compares the live worker with.
 - `prism-worker-resident` (not in the default set): `prism-worker` with every model
-  resident from the start, as `benchmarks/bench_multimodel.py` starts its worker;
+  resident from the start, as `benchmarks/bench_multimodel.py` starts its worker, and
+  `prism-worker-slo`, the same admitting by Moore–Hodgson (its models have SLOs);
   `spatial-even`: `spatial` with even KV quotas, as the worker's `static` mode.
 - `prism+`: `ComputeAwarePlacement` (compute term, hysteresis, a cap of one move per GPU
   per minute, residence time) re-run every 10 s, and `EvictionPolicy`'s score: idle
@@ -321,6 +322,11 @@ def _prism_worker_resident() -> Policy:
     return PrismPolicy("prism-worker-resident", lambda g: KVPressurePlacement(), config, FIFOOrder)
 
 
+def _prism_worker_slo() -> Policy:
+    config = PrismConfig(idle_threshold_s=math.inf, start_resident=True)
+    return PrismPolicy("prism-worker-slo", lambda g: KVPressurePlacement(), config)
+
+
 def _prism_plus_placement(gpus: int) -> PlacementPolicy:
     """ComputeAwarePlacement with its move cap scaled to the cluster: one move per GPU
     per window (at least the default 2). A cluster-wide 2 per minute moved the neighbours
@@ -348,6 +354,7 @@ ABLATIONS = {
     "prism-no-tau": _prism_no_tau,
     "prism-worker": _prism_worker,
     "prism-worker-resident": _prism_worker_resident,
+    "prism-worker-slo": _prism_worker_slo,
     "spatial-even": SpatialEven,
 }
 KNOWN = {**POLICIES, **ABLATIONS}
