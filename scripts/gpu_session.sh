@@ -7,7 +7,8 @@
 #               gpu_tests_h200.json (outcomes, the chaos figures); the modules that
 #               import the server hold none and need fastapi and openai (not in the image)
 #   engine      benchmarks/bench_engine.py: decode/prefill against the floor, the host's
-#               share of a batch-128 decode step, offline (ENGINE_PARTS picks)
+#               share of a batch-128 decode step, offline (ENGINE_PARTS picks the parts,
+#               ENGINE_MODELS the offline models: the 1B's part takes ~4 min, the 8B's ~7)
 #   worker      benchmarks/bench_worker.py: overlap of co-located models, shift at 3 rates
 #   wake        benchmarks/bench_worker.py: wake latency against the H2D floor, steady
 #   multimodel  benchmarks/bench_multimodel.py: 8 models at 80 GiB; MODES (default
@@ -55,7 +56,8 @@ for part in "$@"; do
             ;;
         engine)
             python benchmarks/bench_engine.py --trace "$azure" --out "$OUT/bench_engine_h200.json" \
-                --parts "${ENGINE_PARTS:-decode,hostprofile,prefill,offline}"
+                --parts "${ENGINE_PARTS:-decode,hostprofile,prefill,offline}" \
+                --models "${ENGINE_MODELS:-llama-3.2-1b,llama-3.1-8b}"
             ;;
         worker)
             python benchmarks/bench_worker.py --parts overlap,shift --rates 8,11,14 \
