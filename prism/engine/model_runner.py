@@ -225,6 +225,10 @@ class _DecodeBuffers:
         # per row: the block list it was staged from (kept alive, so its identity is
         # never reused) and how many of its entries the row holds
         self._rows: list[tuple[list[int] | None, int]] = [(None, 0)] * max_batch
+        # After the last staging's copies (CUDA): a step staged while the one before is
+        # still queued (`Engine.step` with decode ahead) must not overwrite the pinned
+        # buffers before the device has read them.
+        self._copied: torch.cuda.Event | None = None
 
     def meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -243,6 +247,8 @@ class _DecodeBuffers:
         """Fill rows 0..size-1 (real requests, then padding) and copy them to the device.
         Each row computes position `num_computed_tokens`: the newest token, read from the
         request or, with `next_ids` (on the device, one per row), from there."""
+        if self._copied is not None:
+            self._copied.synchronize()  # at once unless the step before is still queued
         ids, pos = self.host_ids.numpy(), self.host_pos.numpy()
         slots, lens = self.host_slots.numpy(), self.host_lens.numpy()
         tables, bs, rows = self._tables_np, self.block_size, self._rows
@@ -271,6 +277,9 @@ class _DecodeBuffers:
             (self.tables, self.host_tables),  # whole rows: one contiguous copy
         ):  # fmt: skip
             dst[:size].copy_(src[:size], non_blocking=True)
+        if self.ids.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         if next_ids is not None:
             self.ids[: len(requests)].copy_(next_ids)  # stream order: after they are drawn
 
