@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
 import os
@@ -89,7 +90,8 @@ def start_decoding(
 
 
 def decode(config: ModelConfig, ceil: dict[str, float], batches: list[int], ctx: int) -> list[dict]:
-    """Steady decode step time at each batch size, context `ctx`, vs the floor."""
+    """Steady decode step time at each batch size, context `ctx`, vs the floor: with the
+    engine's decode ahead (its default) and, in the same run, without it ("sync")."""
     engine = make_engine(
         config, max_num_seqs=max(batches), max_model_len=ctx + 256,
         max_num_batched_tokens=max(8192, ctx), kv_cache_bytes=40 * GiB, prefix_caching=False,
@@ -106,6 +108,14 @@ def decode(config: ModelConfig, ceil: dict[str, float], batches: list[int], ctx:
         for _ in range(steps):
             engine.step()
         step_s = (time.perf_counter() - t) / steps
+        ahead = engine.config
+        engine.config = dataclasses.replace(ahead, decode_ahead=False)
+        engine.step()  # takes the step launched ahead; from here one step at a time
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync_s = (time.perf_counter() - t) / steps
+        engine.config = ahead
         graph = engine.runner._graphs.get(min(s for s in engine.runner._graphs if s >= batch))
         assert graph is not None
         t = time.perf_counter()
@@ -121,6 +131,8 @@ def decode(config: ModelConfig, ceil: dict[str, float], batches: list[int], ctx:
             "batch": batch, "ctx": ctx, "step_ms": step_s * 1e3, "graph_ms": graph_s * 1e3,
             "floor_ms": floor * 1e3, "over_floor": step_s / floor,
             "graph_over_floor": graph_s / floor,
+            "decode_ahead": ahead.decode_ahead, "sync_step_ms": sync_s * 1e3,
+            "sync_over_floor": sync_s / floor,
         })  # fmt: skip
         for i in ids:
             engine.abort(i)
@@ -373,7 +385,8 @@ def main() -> None:
     print(f"\ncopy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s")  # fmt: skip
     for r in results.get("decode_8b", []) + results.get("decode_8b_long", []):
-        print(f"decode 8B ctx {r['ctx']:>4} batch {r['batch']:>3}: step {r['step_ms']:6.2f} ms, "
+        print(f"decode 8B ctx {r['ctx']:>4} batch {r['batch']:>3}: step {r['step_ms']:6.2f} ms "
+              f"(one at a time {r.get('sync_step_ms', float('nan')):6.2f}), "
               f"graph {r['graph_ms']:6.2f} ms vs floor {r['floor_ms']:6.2f} ms = "
               f"{r['over_floor']:.2f}x / {r['graph_over_floor']:.2f}x")  # fmt: skip
     if "host_profile_8b" in results:
