@@ -231,6 +231,7 @@ def sweep(
     rows: list[dict[str, Any]] = []
     for rate in args.rates:
         started = time.perf_counter()
+        before = worker.stats()
         summary, records = replay(
             worker, workload(args, rate, seed=1), cutoff_s=args.seconds + args.grace
         )
@@ -243,6 +244,10 @@ def sweep(
             "wakes": sum(m.wakes for m in stats.models),
             "sleeps": sum(m.sleeps for m in stats.models),
             "wall_s": time.perf_counter() - started,
+            # the worker's rounds in this run: how many, the host's work and the wait
+            "rounds": (rounds := stats.rounds - before.rounds),
+            "round_host_ms": 1e3 * (stats.round_host_s - before.round_host_s) / max(1, rounds),
+            "round_wait_ms": 1e3 * (stats.round_wait_s - before.round_wait_s) / max(1, rounds),
         }  # fmt: skip
         rows.append(row)
         save()
