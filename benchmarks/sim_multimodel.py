@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from bench_multimodel import best_rates, build_parser, shape_list, sim_workload, trace_lengths
+from validate_sim import commit
 
 from prism.models.presets import PRESETS
 from prism.sim.cost_model import CostModel, ModelShape
@@ -129,7 +128,7 @@ def main() -> None:
         "benchmark": "sim_multimodel",
         "device": "CPU (simulated H200, cost model defaults)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": os.environ.get("PRISM_COMMIT") or _git_commit(),
+        "commit": commit(),
         "models": dict(zip([f"m{i}" for i in range(len(names))], names, strict=True)),
         "budget_gib": args.budget / GiB,
         "weights_gib": weights / GiB,
@@ -186,15 +185,6 @@ def main() -> None:
 
 def _ttft_tpot(att: dict[str, float]) -> dict[str, float]:
     return {"ttft": att["ttft"], "tpot": att["tpot"]}
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True)  # fmt: skip
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -216,8 +216,7 @@ class Engine:
         if req is None:
             return None
         output = self._finish(req, FinishReason.ABORT, [], [])
-        if self._ahead is not None and all(r.is_finished for r in self._ahead.requests):
-            self._drain_ahead()  # nothing it computes is wanted: let its blocks go now
+        self._drop_unwanted_ahead()
         return output
 
     def has_unfinished(self) -> bool:
@@ -275,8 +274,7 @@ class Engine:
         self.kv_cache.refill_reserve()
         outputs = self._carry + self.complete_step(step)
         self._carry = []
-        if self._ahead is not None and all(r.is_finished for r in self._ahead.requests):
-            self._drain_ahead()  # every request in it ended in the step before
+        self._drop_unwanted_ahead()
         return outputs
 
     def _launch_ahead(self, step: StepInFlight | None) -> StepInFlight | None:
@@ -311,11 +309,13 @@ class Engine:
         for req in requests:
             req.num_computed_tokens += 1  # its blocks are published when its token is known
         pending = self.sampler.launch(logits, requests)
-        done = None
-        if self.runner.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return StepInFlight(list(requests), pending, done, ahead=True)
+        return StepInFlight(list(requests), pending, self._done_event(), ahead=True)
+
+    def _drop_unwanted_ahead(self) -> None:
+        """Every request of the step ahead has ended (stopped or aborted): nothing it
+        computes is wanted, so wait for it now and let its blocks go."""
+        if self._ahead is not None and all(r.is_finished for r in self._ahead.requests):
+            self._drain_ahead()
 
     def _drain_ahead(self) -> None:
         """Wait for a step launched ahead and keep its outputs for the next `step()`."""
@@ -338,11 +338,15 @@ class Engine:
         self._advance(batch)
         sampled = [batch.requests[i] for i in rows]
         pending = self.sampler.launch(logits, sampled) if sampled else None
-        done = None
-        if self.runner.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return StepInFlight(sampled, pending, done)
+        return StepInFlight(sampled, pending, self._done_event())
+
+    def _done_event(self) -> torch.cuda.Event | None:
+        """An event after what has been queued so far on the current stream (CUDA)."""
+        if self.runner.device.type != "cuda":
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
 
     def complete_step(self, step: StepInFlight | None) -> list[RequestOutput]:
         if step is None:

@@ -225,10 +225,10 @@ class _DecodeBuffers:
         # per row: the block list it was staged from (kept alive, so its identity is
         # never reused) and how many of its entries the row holds
         self._rows: list[tuple[list[int] | None, int]] = [(None, 0)] * max_batch
-        # After the last staging's copies (CUDA): a step staged while the one before is
-        # still queued (`Engine.step` with decode ahead) must not overwrite the pinned
+        # Recorded after each staging's copies (CUDA): a step staged while the one before
+        # is still queued (`Engine.step` with decode ahead) must not overwrite the pinned
         # buffers before the device has read them.
-        self._copied: torch.cuda.Event | None = None
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
     def meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -277,8 +277,7 @@ class _DecodeBuffers:
             (self.tables, self.host_tables),  # whole rows: one contiguous copy
         ):  # fmt: skip
             dst[:size].copy_(src[:size], non_blocking=True)
-        if self.ids.is_cuda:
-            self._copied = torch.cuda.Event()
+        if self._copied is not None:
             self._copied.record()
         if next_ids is not None:
             self.ids[: len(requests)].copy_(next_ids)  # stream order: after they are drawn

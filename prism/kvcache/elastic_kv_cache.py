@@ -140,9 +140,8 @@ class ElasticKVCache:
 
     # ---- blocks --------------------------------------------------------------------
 
-    def allocate(self, count: int, *, reclaim: bool | ReclaimLevel = True) -> list[int] | None:
-        """`count` blocks, growing the cache if needed; None if memory cannot be had.
-        `reclaim`: how deep the pool may take other tenants' memory (`PagePool.acquire`)."""
+    def allocate(self, count: int, *, reclaim: bool = True) -> list[int] | None:
+        """`count` blocks, growing the cache if needed; None if memory cannot be had."""
         if self.asleep:
             raise RuntimeError(f"KV cache {self.config.name!r} is asleep: wake it first")
         with self._lock:
@@ -174,7 +173,7 @@ class ElasticKVCache:
     # it, on groups marked PENDING, so the request path never waits behind a mapping and
     # no lock is held while another tenant's memory is being reclaimed.
 
-    def _grow(self, groups: int, *, reclaim: bool | ReclaimLevel) -> bool:
+    def _grow(self, groups: int, *, reclaim: bool) -> bool:
         """Map `groups` more page groups (lowest unmapped first); False if no memory."""
         count = groups * self.group_pages
         if count > self.account.headroom:
