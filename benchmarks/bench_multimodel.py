@@ -5,7 +5,11 @@ Eight random-weight models of mixed shapes (2 × Llama-3.1-8B, 3 × Llama-3.2-3B
 80 GiB (an H100's memory), all under one `DeviceWorker`:
 
 - `prism`: one elastic pool; idle models sleep, KV caches grow into free memory;
-- `static`: every model resident, the KV memory split in eight fixed shares;
+- `static`: a static partition of the GPU: every model resident with a fixed share of
+  the KV memory (even) and of the SMs (in proportion to its expected compute: its
+  requests' tokens × its parameters over the run, `SmPartitions`), free running;
+- `spatial`: every model resident, the KV memory split in eight fixed shares, the SMs
+  shared (MuxServe-style space sharing: the `static` of the runs before 29 Nov);
 - `swap`: one model resident at a time, swapped in on demand.
 
 Workload: the ServeGen `language/m-large` client rates (600 s windows, gamma arrivals
@@ -18,7 +22,7 @@ the loosest SLO scale falls under `--stop-below`; the result per SLO scale is th
 rate whose TTFT and TPOT attainment both reached 99%. Requests unfinished at the cutoff
 count as misses.
 
-Usage: python benchmarks/bench_multimodel.py --traces PATH/traces [--modes prism,static,swap]
+Usage: python benchmarks/bench_multimodel.py --traces PATH/traces [--modes prism,static,...]
        python benchmarks/bench_multimodel.py --smoke   (CPU, tiny models: checks the script)
 A mode written with `:free` (e.g. `prism:free`) runs its worker free running
 (`WorkerConfig.free_running`), so rounds and free running compare in one run.
@@ -57,6 +61,8 @@ from prism.sim.workloads import (
 )
 
 GiB = 1 << 30
+MODES = {"prism": WorkerMode.PRISM, "static": WorkerMode.STATIC,
+         "spatial": WorkerMode.STATIC, "swap": WorkerMode.SWAP}  # fmt: skip
 SHAPES = "llama-3.1-8b:2,llama-3.2-3b:3,llama-3.2-1b:3"  # preset:count, busiest load first
 TINY = ModelConfig(
     architecture="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
@@ -100,11 +106,13 @@ def trace_lengths(args: argparse.Namespace) -> Lengths:
 def build_worker(
     mode: WorkerMode, configs: dict[str, ModelConfig], args: argparse.Namespace,
     free_running: bool = False, slos: dict[str, Any] | None = None,
+    sms: dict[str, int] | None = None,
 ) -> DeviceWorker:  # fmt: skip
     """All eight models on one worker; engines built (and CUDA graphs captured) before
     any measurement: each model is woken once. With `slos` (solo p95s), `prism` orders
     each round by its requests' slack (`WorkerConfig`, `ModelSpec.slo`: SLO = the first
-    `--slo-scales` value × the solo p95); the baselines go first come, first served."""
+    `--slo-scales` value × the solo p95); the baselines go first come, first served.
+    `sms`: each model's SM share (static partition)."""
     engine = EngineConfig(
         max_model_len=args.max_tokens + 64, max_num_seqs=args.max_seqs,
         max_num_batched_tokens=args.step_tokens,
@@ -130,13 +138,33 @@ def build_worker(
             solo = slos[name]
             slo = SLO(scale * solo["ttft_p95_s"], scale * solo["tpot_p95_s"])
         worker.add_model(
-            ModelSpec(name, config, load_format="dummy", engine=engine, max_kv_bytes=kv, slo=slo)
-        )
+            ModelSpec(name, config, load_format="dummy", engine=engine, max_kv_bytes=kv, slo=slo,
+                      sms=None if sms is None else sms[name])
+        )  # fmt: skip
         if mode is not WorkerMode.STATIC:  # static mode woke it on adding
             assert worker.wake(name), f"{name} does not fit"
             if mode is WorkerMode.SWAP or args.device == "cpu":
                 worker.sleep(name)
     return worker
+
+
+def static_sms(args: argparse.Namespace, configs: dict[str, ModelConfig]) -> dict[str, int]:
+    """The static partition's SM shares: in proportion to each model's expected compute
+    over the run (its requests' prompt and output tokens × its parameters, from the
+    workload at the first rate: the shares of the rates do not change with the scale),
+    as a provider provisioning from last period's traffic would size them."""
+    from prism.serving.sm_partition import SmPartitions, proportional_sms
+
+    if args.device == "cpu":
+        raise SystemExit("mode static partitions the GPU's SMs: it needs CUDA (not --smoke)")
+    demand = dict.fromkeys(configs, 0.0)
+    for r in sim_workload(args, args.rates[0], seed=1).requests:
+        name = f"m{r.model}"
+        demand[name] += (r.prompt_tokens + r.output_tokens) * configs[name].num_parameters
+    device = SmPartitions("cuda")
+    shares = proportional_sms(demand, device.total, device.granularity)
+    print("static partition, SMs:", shares, flush=True)
+    return shares
 
 
 def sim_workload(args: argparse.Namespace, rate: float, seed: int) -> Workload:
@@ -224,9 +252,12 @@ def sweep(
     base, _, stepping = name.partition(":")
     if stepping not in ("", "free"):
         raise SystemExit(f"mode {name!r}: the only suffix is ':free'")
-    mode = WorkerMode(base)
-    free = args.free_running or stepping == "free"
-    worker = build_worker(mode, configs, args, free_running=free, slos=slos)
+    if base not in MODES:
+        raise SystemExit(f"mode {name!r}: one of {', '.join(MODES)} (':free' added or not)")
+    mode = MODES[base]
+    free = args.free_running or stepping == "free" or base == "static"
+    sms = static_sms(args, configs) if base == "static" else None
+    worker = build_worker(mode, configs, args, free_running=free, slos=slos, sms=sms)
     replay(worker, workload(args, args.rates[0], seed=99)[: 4 * len(configs)])  # warm-up
     rows: list[dict[str, Any]] = []
     for rate in args.rates:
@@ -285,7 +316,9 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
     floats = lambda t: [float(x) for x in t.split(",")]  # noqa: E731
     parser.add_argument("--traces", default=str(Path(__file__).parents[2] / "shared" / "traces"))
     parser.add_argument("--out", default="bench_multimodel.json")
-    parser.add_argument("--modes", default="prism,static,swap", help="e.g. prism,prism:free")
+    parser.add_argument(
+        "--modes", default="prism,static,spatial,swap", help="e.g. prism,prism:free"
+    )
     parser.add_argument("--rates", type=floats, default=[1, 1.5, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32])
     parser.add_argument("--slo-scales", type=floats, default=[5.0, 2.0, 10.0])
     parser.add_argument("--seconds", type=float, default=60.0, help="arrivals per run")

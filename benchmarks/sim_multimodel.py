@@ -13,8 +13,11 @@ Modes and the simulator policies that stand for them:
   the start: elastic memory with its pressure hooks, admission by Moore–Hodgson on the
   SLOs (the live worker orders its rounds by it), a model sleeps only when memory is
   wanted; with `--fifo`, `prism-worker-resident` (first come, first served);
-- `static` → `spatial-even`: every model resident, the KV memory split evenly;
+- `spatial` → `spatial-even`: every model resident, the KV memory split evenly;
 - `swap` → `swap`: one model resident at a time, swapped whole on demand.
+
+bench_multimodel's `static` (a fixed share of the SMs per model) has no policy here:
+the simulator's GPUs are not divided by compute.
 
 Solo SLOs: from `--slos` or `--live` (a bench_multimodel JSON), else simulated: each shape
 alone at `--solo-rate`.
@@ -46,7 +49,7 @@ from prism.sim.request import SimModel
 from prism.sim.simulator import SimConfig, Simulator
 from prism.sim.workloads import RequestSpec, Workload
 
-POLICY = {"prism": "prism-worker-slo", "static": "spatial-even", "swap": "swap"}
+POLICY = {"prism": "prism-worker-slo", "spatial": "spatial-even", "swap": "swap"}
 GiB = 1 << 30
 
 
@@ -109,6 +112,7 @@ def main() -> None:
     parser = build_parser(__doc__)
     parser.add_argument("--live", help="a bench_multimodel JSON: its SLOs, and its attainment "
                         "printed beside the simulated one")  # fmt: skip
+    parser.set_defaults(modes=",".join(POLICY))
     args = parser.parse_args()
     args.smoke = False
     args.budget = int(args.budget_gib * GiB)
@@ -140,7 +144,10 @@ def main() -> None:
     live_att = {(r["mode"], r["rate"]): r["attainment"] for r in (live or {}).get("runs", [])}
     print(f"weights {weights / GiB:.1f} GiB of {args.budget / GiB:.0f} GiB")
     for mode in args.modes.split(","):
-        args.policy = POLICY[mode.partition(":")[0]]
+        base = mode.partition(":")[0]
+        if base not in POLICY:
+            raise SystemExit(f"mode {mode!r}: the simulator has {', '.join(POLICY)}")
+        args.policy = POLICY[base]
         if args.fifo and args.policy == "prism-worker-slo":
             args.policy = "prism-worker-resident"
         for rate in args.rates:

@@ -12,7 +12,7 @@
 #   worker      benchmarks/bench_worker.py: overlap of co-located models, shift at 3 rates
 #   wake        benchmarks/bench_worker.py: wake latency against the H2D floor, steady
 #   multimodel  benchmarks/bench_multimodel.py: 8 models at 80 GiB; MODES (default
-#               prism,static,swap) and SLOS (a JSON of solo SLOs from an earlier call, put
+#               prism,static,spatial,swap) and SLOS (a JSON of solo SLOs from an earlier call, put
 #               under .traces/ and carried) split it over calls: a mode takes ~5-9 min;
 #               MM_ARGS adds options (e.g. "--seconds 20 --grace 10 --solo-seconds 20
 #               --solo-requests 20"); a mode written prism:free runs free running
@@ -69,7 +69,7 @@ for part in "$@"; do
         multimodel)
             # shellcheck disable=SC2086  # MM_ARGS is a list of options
             python benchmarks/bench_multimodel.py --traces "$TRACES" \
-                --modes "${MODES:-prism,static,swap}" ${SLOS:+--slos "$SLOS"} ${MM_ARGS:-} \
+                --modes "${MODES:-prism,static,spatial,swap}" ${SLOS:+--slos "$SLOS"} ${MM_ARGS:-} \
                 --out "$OUT/bench_multimodel_h200.json"
             ;;
         memory)

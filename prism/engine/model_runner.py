@@ -129,7 +129,12 @@ class ModelRunner:
         if self.device.type != "cuda" or not (batch_sizes or token_sizes):
             return
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
+        # On the caller's stream if it is a side stream (a graph's kernels keep the SMs of
+        # the stream they were captured on: a model held to an SM share captures on its
+        # share's stream), else on a new one (capture cannot use the default stream).
+        current = torch.cuda.current_stream()
+        default = torch.cuda.default_stream(current.device)
+        stream = current if current != default else torch.cuda.Stream()
 
         def graph(run: Callable[[], object]) -> torch.cuda.CUDAGraph:
             for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels

@@ -27,8 +27,24 @@ class SampleResult:
 class PendingSample:
     """Tokens drawn on the device, not yet read back."""
 
-    tokens: torch.Tensor  # [N] int64
+    tokens: torch.Tensor  # [N] int64, on the device
     raw: torch.Tensor  # [N, V] float32: the model's logits, for logprobs
+    host: torch.Tensor  # [N] int64: `tokens` copied to (pinned) host memory, in stream order
+    ready: torch.cuda.Event | None  # recorded after that copy (CUDA)
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, raw: torch.Tensor) -> PendingSample:
+        """Queue the copy of `tokens` to the host right behind their draw. Reading them
+        back later waits for this copy only: a `tolist()` on the device tensor would
+        queue its copy behind whatever was launched since (a decode step ahead) and
+        wait for that too."""
+        if not tokens.is_cuda:
+            return cls(tokens, raw, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(tokens, raw, host, ready)
 
 
 class Sampler:
@@ -47,7 +63,7 @@ class Sampler:
         logits = self._apply_penalties(logits, requests)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         if len(greedy) == len(requests):
-            return PendingSample(logits.argmax(dim=-1), raw)
+            return PendingSample.of(logits.argmax(dim=-1), raw)
         tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         if greedy:
             rows = torch.tensor(greedy, device=logits.device)
@@ -55,7 +71,7 @@ class Sampler:
         for i, req in enumerate(requests):
             if not req.params.greedy:
                 tokens[i] = self._draw(logits[i], req)
-        return PendingSample(tokens, raw)
+        return PendingSample.of(tokens, raw)
 
     @staticmethod
     def uses_history(req: Request) -> bool:
@@ -64,8 +80,10 @@ class Sampler:
         return p.repetition_penalty != 1.0 or bool(p.frequency_penalty or p.presence_penalty)
 
     def collect(self, pending: PendingSample, requests: Sequence[Request]) -> SampleResult:
-        """Read the tokens back (this waits for the device) and the logprobs asked for."""
-        token_list = pending.tokens.tolist()
+        """Read the tokens back (this waits for their copy) and the logprobs asked for."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        token_list = pending.host.tolist()
         return SampleResult(token_list, self._logprobs(pending.raw, requests, token_list))
 
     # ---- steps ---------------------------------------------------------------------------

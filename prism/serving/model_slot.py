@@ -49,6 +49,9 @@ class ModelSpec:
     max_kv_bytes: int | None = None  # limit on this model's KV cache; None: the device budget
     engine: EngineConfig = field(default_factory=EngineConfig)
     slo: SLO | None = None  # orders admission across the device's models (`DeviceWorker`)
+    # SMs this model's kernels may use: a fixed share of the GPU's compute, no matter how
+    # busy the others are (`SmPartitions`; CUDA only). None: all of them, shared.
+    sms: int | None = None
 
 
 class ModelSlot:
@@ -73,8 +76,12 @@ class ModelSlot:
         self.busy_s = 0.0  # wall time of its engine steps (the worker adds to it)
         self.output_tokens = 0  # tokens those steps produced
         # Its own CUDA stream: co-located models' steps are queued before any is waited for.
+        # A worker gives a model with an SM share a stream of that share instead, before
+        # the first wake (the engine's CUDA graphs are captured on this stream).
         cuda = self.device.startswith("cuda")
-        self.stream = torch.cuda.Stream(device=self.device) if cuda else None
+        self.stream: torch.cuda.Stream | None = (
+            torch.cuda.Stream(device=self.device) if cuda else None
+        )
 
     def load_host(self) -> None:
         """Read the checkpoint into the host copy: one flat buffer laid out as the weight
@@ -168,7 +175,8 @@ class ModelSlot:
             torch.cuda.current_stream().synchronize()
         if self.engine is None:
             try:
-                self.engine = self._build_engine()
+                with self.stream_context():  # graphs captured on the model's stream
+                    self.engine = self._build_engine()
             except MemoryError:  # no page for the KV cache's first group: try again later
                 self.arena.evict()
                 return False

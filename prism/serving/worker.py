@@ -28,6 +28,7 @@ from prism.memory import PagePool, make_vmm
 from prism.serving.model_slot import ModelSlot, ModelSpec, ModelState
 from prism.serving.policies.local_scheduler import LocalScheduler, LocalSchedulerConfig
 from prism.serving.policies.slo import PendingRequest
+from prism.serving.sm_partition import SmPartitions
 
 
 class WorkerMode(Enum):
@@ -163,6 +164,7 @@ class DeviceWorker:
         self._in_flight: dict[str, tuple[StepInFlight, float]] = {}
         self._settled: list[tuple[str, RequestOutput]] = []
         self._settle_errors: dict[str, Exception] = {}
+        self._sms: SmPartitions | None = None  # made for the first model with an SM share
 
     # ---- models ------------------------------------------------------------------------
 
@@ -177,6 +179,21 @@ class DeviceWorker:
             raise ValueError(f"model {spec.name!r} is already on this worker")
         if self.config.mode is WorkerMode.STATIC and spec.max_kv_bytes is None:
             raise ValueError(f"static mode: model {spec.name!r} needs max_kv_bytes (its share)")
+        if spec.sms is not None:
+            if not self.config.device.startswith("cuda"):
+                raise ValueError(f"model {spec.name!r}: an SM share (sms) needs a CUDA device")
+            sms = self._partitions()
+            want = -(-spec.sms // sms.granularity) * sms.granularity
+            if spec.sms < 1 or want > sms.free:
+                raise ValueError(
+                    f"model {spec.name!r} asks for {spec.sms} SMs; {sms.free} of the "
+                    f"device's {sms.total} are left (shares are multiples of {sms.granularity})"
+                )
+
+    def _partitions(self) -> SmPartitions:
+        if self._sms is None:
+            self._sms = SmPartitions(self.config.device)
+        return self._sms
 
     def adopt(self, slot: ModelSlot) -> ModelSlot:
         """Take a slot built (its host copy loaded) elsewhere, e.g. on another thread so
@@ -185,6 +202,8 @@ class DeviceWorker:
             raise ValueError(f"model {slot.spec.name!r} was built over another page pool")
         spec = slot.spec
         self.check_new(spec)
+        if spec.sms is not None:  # before the first wake: its graphs are captured there
+            slot.stream = self._partitions().take(spec.name, spec.sms)
         self.models[spec.name] = slot
         if self.config.mode is WorkerMode.STATIC and not self.wake(spec.name):
             self.remove_model(spec.name)
@@ -599,4 +618,6 @@ class DeviceWorker:
         for name in list(self.models):
             slot = self.models.pop(name)
             slot.close()
+        if self._sms is not None:
+            self._sms.close()
         self.pool.close()

@@ -156,3 +156,21 @@ def test_graphs_survive_kv_pages_moving() -> None:
     assert before == after
     engine.kv_cache.check_integrity()
     engine.close()
+
+
+def test_reading_tokens_back_does_not_wait_for_later_work() -> None:
+    """The engine launches the next decode step before reading this one's tokens: the
+    read must wait for this step's draw only, not for what was queued after it."""
+    from prism.engine.request import Request
+    from prism.engine.sampler import Sampler
+
+    sampler = Sampler()
+    logits = torch.randn(4, 1000, device="cuda")
+    requests = [Request(f"r{i}", [1], SamplingParams(temperature=0.0)) for i in range(4)]
+    pending = sampler.launch(logits, requests)
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time queued behind the draw
+    later = torch.cuda.Event()
+    later.record()
+    result = sampler.collect(pending, requests)
+    assert not later.query(), "the read waited for the work queued after the draw"
+    assert result.token_ids == logits.argmax(dim=-1).tolist()

@@ -153,3 +153,43 @@ def test_gpu_colocated_models_step_on_their_own_streams(free_running: bool) -> N
     assert all(s is not None and s != torch.cuda.default_stream() for s in streams)
     worker.check_integrity()
     worker.close()
+
+
+def test_gpu_sm_shares_hold_each_model_to_its_sms() -> None:
+    """Models with SM shares (a static partition of the GPU): the driver reports each
+    stream's share, their outputs equal a run on the whole GPU, a matmul on an 8-SM share
+    takes several times as long as on every SM, and shares beyond the device's SMs are refused before anything loads."""
+    jobs = [(m, _prompt(i + 10 * k, 60 + 40 * i)) for k, m in enumerate("ab") for i in range(4)]
+    whole = _worker(160, names="ab")
+    expected = _run(whole, jobs)
+    whole.close()
+    worker = DeviceWorker(WorkerConfig(device="cuda", budget_bytes=160 * MiB, free_running=True))
+    for name, sms in (("a", 8), ("b", 12)):  # 12 rounds up to the granularity (8 on Hopper)
+        worker.add_model(ModelSpec(name, SMALL, load_format="dummy", engine=ENGINE, sms=sms))
+    shares = worker._partitions()
+    granule = shares.granularity
+    assert shares.sms_of("a") == max(8, granule)
+    assert shares.sms_of("b") == -(-12 // granule) * granule
+    assert _run(worker, jobs) == expected
+    with pytest.raises(ValueError, match="SMs"):
+        worker.add_model(ModelSpec("c", SMALL, load_format="dummy", engine=ENGINE, sms=10_000))
+    assert "c" not in worker.models
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def timed(stream: torch.cuda.Stream) -> float:
+        with torch.cuda.stream(stream):
+            a @ a
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                a @ a
+            end.record()
+            end.synchronize()
+        return start.elapsed_time(end)
+
+    slot = worker.models["a"]
+    assert slot.stream is not None
+    assert timed(slot.stream) > 3 * timed(torch.cuda.Stream())
+    worker.check_integrity()
+    worker.close()
