@@ -6,13 +6,13 @@ static partition of the GPU's compute, as a provider that dedicates a slice of a
 each model would run it (MIG-style isolation, at SM granularity). It is the opposite of
 Prism's sharing and exists for that comparison and for isolation where a model must keep
 its compute under any load. Built on the CUDA driver's green contexts (CUDA 12.4+): the
-device's SM resource is split into groups, each green context gets one, and a stream of
+device's SM resource is split into groups, each green context gets some, and a stream of
 that green context is handed to torch as an external stream. Memory is not partitioned
 by this (the page pool does that); a green context shares the device's address space.
 
-Shares are carved from what the device has left, in the order models arrive, rounded up
-to the device's granularity (8 SMs on Hopper); a model removed gives its SMs back to no
-one (they stay idle until the worker restarts).
+The device is split once into granules of its granularity (8 SMs on Hopper: 16 of the
+H200's 132, 4 left out); a share is a set of granules, in the order models arrive, and a
+model removed frees its granules for the next.
 """
 
 from __future__ import annotations
@@ -63,64 +63,73 @@ class SmPartitions:
         torch.cuda.init()  # the primary context exists before any green context
         self._dev = self._call("cuDeviceGet", driver.cuDeviceGet(index))
         sm_type = driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
-        self._left = self._call("cuDeviceGetDevResource", driver.cuDeviceGetDevResource(
+        whole = self._call("cuDeviceGetDevResource", driver.cuDeviceGetDevResource(
             self._dev, sm_type))  # fmt: skip
-        self.total = int(self._left.sm.smCount)
-        self.granularity = int(getattr(self._left.sm, "smCoscheduledAlignment", 0) or 8)
-        self._streams: dict[str, tuple[Any, Any, torch.cuda.ExternalStream]] = {}
+        self.total = int(whole.sm.smCount)
+        self.granularity = int(getattr(whole.sm, "smCoscheduledAlignment", 0) or 8)
+        # The device split once into granules; a share is a set of them, and a model's
+        # released share is free for the next.
+        split = driver.cuDevSmResourceSplitByCount(
+            self.total // self.granularity, whole, 0, self.granularity
+        )
+        self._granules, _, _ = self._call("cuDevSmResourceSplitByCount", split)
+        self._free = list(range(len(self._granules)))
+        self._shares: dict[str, tuple[list[int], Any, Any, torch.cuda.ExternalStream]] = {}
 
     @property
     def free(self) -> int:
-        return int(self._left.sm.smCount)
+        return len(self._free) * self.granularity
 
     def take(self, name: str, sms: int) -> torch.cuda.ExternalStream:
         """A stream whose kernels run on `sms` SMs (rounded up to the granularity) of
         the device's, for `name` alone. Raises `SmPartitionError` if too few are left."""
-        if name in self._streams:
+        if name in self._shares:
             raise SmPartitionError(f"model {name!r} already has an SM share")
         if sms < 1:
             raise SmPartitionError(f"model {name!r}: an SM share needs at least 1 SM, got {sms}")
-        want = -(-sms // self.granularity) * self.granularity
-        if want > self.free:
+        count = -(-sms // self.granularity)
+        if count > len(self._free):
             raise SmPartitionError(
-                f"model {name!r} asks for {want} SMs; {self.free} of the device's "
-                f"{self.total} are left"
+                f"model {name!r} asks for {count * self.granularity} SMs; {self.free} of "
+                f"the device's {self.total} are left"
             )
         cu = self._cu
-        split = cu.cuDevSmResourceSplitByCount(1, self._left, 0, want)
-        groups, _, left = self._call("cuDevSmResourceSplitByCount", split)
-        desc = self._call("cuDevResourceGenerateDesc", cu.cuDevResourceGenerateDesc(groups, 1))
+        granules = self._free[:count]
+        resources = [self._granules[i] for i in granules]
+        desc = self._call("cuDevResourceGenerateDesc", cu.cuDevResourceGenerateDesc(
+            resources, len(resources)))  # fmt: skip
         flags = cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM
         green = self._call("cuGreenCtxCreate", cu.cuGreenCtxCreate(desc, self._dev, flags))
         non_blocking = cu.CUstream_flags.CU_STREAM_NON_BLOCKING
         raw = self._call("cuGreenCtxStreamCreate", cu.cuGreenCtxStreamCreate(
             green, non_blocking, 0))  # fmt: skip
-        self._left = left
+        del self._free[:count]
         stream = torch.cuda.ExternalStream(int(raw), device=torch.device("cuda", self._index))
-        self._streams[name] = (green, raw, stream)
-        log.info("%s: %d of %d SMs (%d left)", name, int(groups[0].sm.smCount), self.total,
+        self._shares[name] = (granules, green, raw, stream)
+        log.info("%s: %d of %d SMs (%d left)", name, count * self.granularity, self.total,
                  self.free)  # fmt: skip
         return stream
 
     def sms_of(self, name: str) -> int:
         """SMs the share of `name` has, as the driver reports for its stream."""
-        _, raw, _ = self._streams[name]
+        raw = self._shares[name][2]
         sm_type = self._cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
         res = self._call("cuStreamGetDevResource", self._cu.cuStreamGetDevResource(raw, sm_type))
         return int(res.sm.smCount)
 
     def release(self, name: str) -> None:
-        """Destroy `name`'s green context (its work must be done); its SMs stay idle."""
-        entry = self._streams.pop(name, None)
+        """Destroy `name`'s green context (its work must be done); its SMs are free."""
+        entry = self._shares.pop(name, None)
         if entry is None:
             return
-        green, raw, _ = entry
+        granules, green, raw, _ = entry
         self._call("cuStreamSynchronize", self._cu.cuStreamSynchronize(raw))
         self._call("cuStreamDestroy", self._cu.cuStreamDestroy(raw))
         self._call("cuGreenCtxDestroy", self._cu.cuGreenCtxDestroy(green))
+        self._free = sorted(self._free + granules)
 
     def close(self) -> None:
-        for name in list(self._streams):
+        for name in list(self._shares):
             self.release(name)
 
     def _call(self, call: str, result: Any) -> Any:
