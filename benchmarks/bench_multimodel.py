@@ -162,8 +162,8 @@ def static_sms(args: argparse.Namespace, configs: dict[str, ModelConfig]) -> dic
         name = f"m{r.model}"
         demand[name] += (r.prompt_tokens + r.output_tokens) * configs[name].num_parameters
     device = SmPartitions("cuda")
-    shares = proportional_sms(demand, device.total, device.granularity)
-    print("static partition, SMs:", shares, flush=True)
+    shares = proportional_sms(demand, device.usable, device.granularity)
+    print(f"static partition, SMs ({device.usable} of {device.total} usable):", shares, flush=True)
     return shares
 
 

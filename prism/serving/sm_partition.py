@@ -10,8 +10,8 @@ device's SM resource is split into groups, each green context gets some, and a s
 that green context is handed to torch as an external stream. Memory is not partitioned
 by this (the page pool does that); a green context shares the device's address space.
 
-The device is split once into granules of its granularity (8 SMs on Hopper: 16 of the
-H200's 132, 4 left out); a share is a set of granules, in the order models arrive, and a
+The device is split once into granules of its granularity (8 SMs on Hopper: the driver
+makes 15 of the H200's 132 SMs, 12 left out); a share is a set of granules, in the order models arrive, and a
 model removed frees its granules for the next.
 """
 
@@ -72,7 +72,11 @@ class SmPartitions:
         split = driver.cuDevSmResourceSplitByCount(
             self.total // self.granularity, whole, 0, self.granularity
         )
-        self._granules, _, _ = self._call("cuDevSmResourceSplitByCount", split)
+        granules, made, _ = self._call("cuDevSmResourceSplitByCount", split)
+        # Fewer than total // granularity where the SMs' clusters do not divide evenly
+        # (an H200: 15 granules of 8, 12 SMs left out); those left out stay idle.
+        self._granules = list(granules[:made])
+        self.usable = len(self._granules) * self.granularity
         self._free = list(range(len(self._granules)))
         self._shares: dict[str, tuple[list[int], Any, Any, torch.cuda.ExternalStream]] = {}
 
@@ -112,9 +116,10 @@ class SmPartitions:
 
     def sms_of(self, name: str) -> int:
         """SMs the share of `name` has, as the driver reports for its stream."""
-        raw = self._shares[name][2]
+        green = self._shares[name][1]
         sm_type = self._cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
-        res = self._call("cuStreamGetDevResource", self._cu.cuStreamGetDevResource(raw, sm_type))
+        res = self._call("cuGreenCtxGetDevResource", self._cu.cuGreenCtxGetDevResource(
+            green, sm_type))  # fmt: skip
         return int(res.sm.smCount)
 
     def release(self, name: str) -> None:

@@ -172,7 +172,7 @@ def test_gpu_sm_shares_hold_each_model_to_its_sms() -> None:
     assert shares.sms_of("b") == -(-12 // granule) * granule
     assert _run(worker, jobs) == expected
     with pytest.raises(ValueError, match="SMs"):
-        worker.add_model(ModelSpec("c", SMALL, load_format="dummy", engine=ENGINE, sms=10_000))
+        worker.add_model(ModelSpec("c", SMALL, load_format="dummy", engine=ENGINE, sms=shares.free + 1))
     assert "c" not in worker.models
 
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
