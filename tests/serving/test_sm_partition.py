@@ -4,6 +4,8 @@ need a GPU: tests/serving/test_worker_gpu.py."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -39,7 +41,7 @@ def test_shares_use_the_device_and_never_exceed_it(demands: dict[str, float], gr
     assert total - granule < sum(shares.values()) <= total
     # more demand never gets fewer SMs
     ranked = sorted(demands, key=demands.__getitem__)
-    for lo, hi in zip(ranked, ranked[1:], strict=False):
+    for lo, hi in itertools.pairwise(ranked):
         if demands[hi] > demands[lo]:
             assert shares[hi] >= shares[lo] - granule
 

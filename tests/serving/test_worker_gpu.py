@@ -157,8 +157,9 @@ def test_gpu_colocated_models_step_on_their_own_streams(free_running: bool) -> N
 
 def test_gpu_sm_shares_hold_each_model_to_its_sms() -> None:
     """Models with SM shares (a static partition of the GPU): the driver reports each
-    stream's share, their outputs equal a run on the whole GPU, a matmul on an 8-SM share
-    takes several times as long as on every SM, and shares beyond the device's SMs are refused before anything loads."""
+    share's SMs, their outputs equal a run on the whole GPU, a matmul on an 8-SM share
+    takes several times as long as on every SM, and a share beyond the SMs left is
+    refused before anything loads."""
     jobs = [(m, _prompt(i + 10 * k, 60 + 40 * i)) for k, m in enumerate("ab") for i in range(4)]
     whole = _worker(160, names="ab")
     expected = _run(whole, jobs)
@@ -172,7 +173,8 @@ def test_gpu_sm_shares_hold_each_model_to_its_sms() -> None:
     assert shares.sms_of("b") == -(-12 // granule) * granule
     assert _run(worker, jobs) == expected
     with pytest.raises(ValueError, match="SMs"):
-        worker.add_model(ModelSpec("c", SMALL, load_format="dummy", engine=ENGINE, sms=shares.free + 1))
+        too_many = ModelSpec("c", SMALL, load_format="dummy", engine=ENGINE, sms=shares.free + 1)
+        worker.add_model(too_many)
     assert "c" not in worker.models
 
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
