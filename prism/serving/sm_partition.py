@@ -79,6 +79,7 @@ class SmPartitions:
         self.usable = len(self._granules) * self.granularity
         self._free = list(range(len(self._granules)))
         self._shares: dict[str, tuple[list[int], Any, Any, torch.cuda.ExternalStream]] = {}
+        self._retired: list[tuple[Any, Any, torch.cuda.ExternalStream]] = []
 
     @property
     def free(self) -> int:
@@ -123,14 +124,16 @@ class SmPartitions:
         return int(res.sm.smCount)
 
     def release(self, name: str) -> None:
-        """Destroy `name`'s green context (its work must be done); its SMs are free."""
+        """Free `name`'s granules for the next share. Its green context and stream stay
+        (idle) for the life of the process: torch's pinned-memory cache records an event
+        on every stream a block was copied on when the block is freed, which may come
+        after the model is gone, and recording on a destroyed stream aborts."""
         entry = self._shares.pop(name, None)
         if entry is None:
             return
-        granules, green, raw, _ = entry
+        granules, green, raw, stream = entry
         self._call("cuStreamSynchronize", self._cu.cuStreamSynchronize(raw))
-        self._call("cuStreamDestroy", self._cu.cuStreamDestroy(raw))
-        self._call("cuGreenCtxDestroy", self._cu.cuGreenCtxDestroy(green))
+        self._retired.append((green, raw, stream))
         self._free = sorted(self._free + granules)
 
     def close(self) -> None:
