@@ -151,14 +151,14 @@ def build_worker(
 def static_sms(args: argparse.Namespace, configs: dict[str, ModelConfig]) -> dict[str, int]:
     """The static partition's SM shares: in proportion to each model's expected compute
     over the run (its requests' prompt and output tokens × its parameters, from the
-    workload at the first rate: the shares of the rates do not change with the scale),
-    as a provider provisioning from last period's traffic would size them."""
+    workload at 100 req/s: every rate has the same shares, and this many requests
+    estimate them well), as a provider provisioning from last period's traffic would."""
     from prism.serving.sm_partition import SmPartitions, proportional_sms
 
     if args.device == "cpu":
         raise SystemExit("mode static partitions the GPU's SMs: it needs CUDA (not --smoke)")
     demand = dict.fromkeys(configs, 0.0)
-    for r in sim_workload(args, args.rates[0], seed=1).requests:
+    for r in sim_workload(args, 100.0, seed=1).requests:
         name = f"m{r.model}"
         demand[name] += (r.prompt_tokens + r.output_tokens) * configs[name].num_parameters
     device = SmPartitions("cuda")
