@@ -1,10 +1,10 @@
 """`CudaVMM`: the CUDA driver's virtual memory management, through `cuda.bindings`.
 
-The one module in Prism that talks to the CUDA driver. Every call is checked and a
-failure raises `VMMError` naming the call and the CUresult; out-of-memory from
-cuMemCreate raises `OutOfPhysicalMemory`, which the page pool turns into "no memory".
-Access rights are set once per contiguous run of pages, since cuMemSetAccess is the
-costly call.
+The module of Prism that talks to the CUDA driver for memory (`serving/sm_partition.py`
+makes SM shares). Every call is checked and a failure raises `VMMError` naming the call
+and the CUresult; out-of-memory from cuMemCreate raises `OutOfPhysicalMemory`, which the
+page pool turns into "no memory". Access rights are set once per contiguous run of
+pages, since cuMemSetAccess is the costly call.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ that green context is handed to torch as an external stream. Memory is not parti
 by this (the page pool does that); a green context shares the device's address space.
 
 The device is split once into granules of its granularity (8 SMs on Hopper: the driver
-makes 15 of the H200's 132 SMs, 12 left out); a share is a set of granules, in the order
+makes 15 granules of the H200's 132 SMs, 12 left out); a share is a set of granules, in the order
 models arrive, and a model removed frees its granules for the next.
 """
 
