@@ -15,6 +15,7 @@ models:
     min_memory: 1GiB                      # reserved beside its weights when placing it
     max_memory: 20GiB                     # weights + KV cache at most
     pinned: cuda:0                        # always on this device, never idle-evicted
+    sms: 32                               # a fixed share of its GPU's SMs (isolation)
 ```
 
 Several `cpu:N` devices are separate workers (separate page pools) on the host: how CPU
@@ -103,6 +104,7 @@ class FleetModel:
     pinned: str | None = None  # device id it always lives on
     max_model_len: int | None = None  # tokens per request; None: the engine's default
     max_num_seqs: int | None = None  # requests running at once; None: the engine's default
+    sms: int | None = None  # a fixed share of its GPU's SMs (`ModelSpec.sms`); None: shared
 
     def resolved_source(self) -> str:
         """`source`, with "default" resolved to the embedded model's path."""
@@ -245,7 +247,7 @@ class _Parser:
             item,
             where,
             ("name", "path", "source", "preset", "load_format", "slo", "priority",
-             "min_memory", "max_memory", "pinned", "max_model_len", "max_num_seqs"),
+             "min_memory", "max_memory", "pinned", "max_model_len", "max_num_seqs", "sms"),
         )  # fmt: skip
         self.require(item, where, "name")
         name = item["name"]
@@ -271,6 +273,7 @@ class _Parser:
             pinned=self.device(pinned, f"{where}.pinned") if pinned is not None else None,
             max_model_len=self.count(item.get("max_model_len"), f"{where}.max_model_len"),
             max_num_seqs=self.count(item.get("max_num_seqs"), f"{where}.max_num_seqs"),
+            sms=self.count(item.get("sms"), f"{where}.sms"),
         )
 
     def source(self, item: Mapping[str, Any], where: str) -> tuple[str, str]:
@@ -333,6 +336,9 @@ class _Parser:
                 raise self.error(
                     f"models[{i}] ({m.name}).max_memory", "mode static needs it (the model's share)"
                 )
+            if m.sms is not None and devices is not None and any(d == "cpu" or d.startswith(
+                "cpu:") for d in devices):  # fmt: skip
+                raise self.error(f"models[{i}] ({m.name}).sms", "an SM share needs CUDA devices")
             if m.pinned is not None and devices is not None and m.pinned not in devices:
                 raise self.error(
                     f"models[{i}] ({m.name}).pinned",
@@ -416,7 +422,7 @@ def describe_model(fleet: FleetConfig, index: int, dtype: torch.dtype) -> ModelD
         engine = dataclasses.replace(engine, max_num_seqs=m.max_num_seqs)
     spec = ModelSpec(
         m.name, source, m.load_format, dtype=dtype, priority=m.priority, max_kv_bytes=max_kv,
-        engine=engine, slo=m.slo,
+        engine=engine, slo=m.slo, sms=m.sms,
     )  # fmt: skip
     return ModelDescription(spec, weights, config.kv_bytes_per_token(dtype))
 

@@ -35,6 +35,7 @@ models:
   - name: qwen
     preset: qwen3-1.7b
     priority: 3
+    sms: 24
   - name: smol
     source: default
 """
@@ -54,6 +55,7 @@ def test_a_full_file_parses_to_plain_config(tmp_path: Path) -> None:
     assert llama.slo == SLO(ttft_s=0.5, tpot_s=0.05) and llama.priority == 1
     assert (llama.min_memory, llama.max_memory, llama.pinned) == (1 << 30, 20 << 30, "cuda:1")
     assert (qwen.source, qwen.load_format, qwen.priority) == ("qwen3-1.7b", "dummy", 3)
+    assert qwen.sms == 24 and llama.sms is None
     assert smol.source == "default" and smol.slo == DEFAULT_SLO and smol.pinned is None
     assert fleet.path == str(path) and fleet.model("qwen") is qwen
 
@@ -111,6 +113,14 @@ def test_sizes() -> None:
         (
             "devices: [cuda:0]\nmodels: [{name: m, path: /m, pinned: cuda:3}]\n",
             r"models\[0\] \(m\).pinned: cuda:3 is not in devices \['cuda:0'\]",
+        ),
+        (
+            "devices: cpu\nmodels: [{name: m, path: /m, sms: 8}]\n",
+            r"models\[0\] \(m\).sms: an SM share needs CUDA devices",
+        ),
+        (
+            "models: [{name: m, path: /m, sms: 0}]\n",
+            r"models\[0\] \(m\).sms: must be an integer >= 1, got 0",
         ),
         (
             "models: [{name: m, path: /m}, {name: m, path: /n}]\n",
