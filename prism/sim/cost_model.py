@@ -120,7 +120,7 @@ GPUS = {"H200": H200, "H100": H100}
 class Calibration:
     """Measured factors between real step times and their physical floors."""
 
-    decode_overhead: float = 1.3667  # engine step / floor, batch 1..128 (8B, ctx 512), fitted
+    decode_overhead: float = 1.3202  # engine step / floor, batch 1..128 (8B, ctx 512), fitted
     # prefill achieved / matmul rate, by tokens in the step (8B): 512, 2048, 8192 tokens
     prefill_points: tuple[tuple[int, float], ...] = ((512, 0.757), (2048, 0.791), (8192, 0.711))
     # wake / (bytes / H2D), least-squares slope over 1B, 3B, 8B (the copy runs as the
@@ -132,12 +132,17 @@ class Calibration:
     # per sequence in it; the H200 results fit only the latter (one model's rows: a fixed
     # term would take the whole step, see `from_results`).
     step_fixed_s: float = 0.0
-    seq_fixed_s: float = 7.603e-06
+    seq_fixed_s: float = 9.031e-06
     # Host time per layer of an eager step (with a prefill chunk, so no CUDA graph): the
     # floor of such a step when launching kernels takes longer than running them.
     eager_layer_s: float = 0.0
+    # Host time of a worker round beyond its models' steps (scheduling every model, then
+    # launching each): `WorkerStats.round_host_s` / rounds, measured by bench_multimodel
+    # and validate_sim on the live worker. Charged once a round. Default: bench_multimodel's
+    # prism runs at 8a783c1, eight models, mean over their rounds.
+    round_fixed_s: float = 0.000745
     roofline: str = "max"  # decode memory and compute time: "max" (overlapped) or "sum"
-    source: str = "defaults (H200 runs of commits 69b02ec, 171400a, d527b03, dee4692)"
+    source: str = "defaults (H200 runs of commits a36eb75, 8a783c1, 171400a, d527b03, dee4692)"
     _tokens: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -159,7 +164,8 @@ class Calibration:
 
     @classmethod
     def from_results(cls, results_dir: str | Path) -> Calibration:
-        """Factors from bench_engine_h200.json and bench_worker_h200.json, where present."""
+        """Factors from the H200 benchmark files (engine, worker, multimodel, memory), where
+        present."""
         root = Path(results_dir)
         found: dict[str, Any] = {}
         sources = []
@@ -167,7 +173,10 @@ class Calibration:
         if engine.is_file():
             data = json.loads(engine.read_text())
             shape = SHAPES["llama-3.1-8b"]
-            decode = [(shape, r["batch"], r["batch"] * (r["ctx"] + 20), r["step_ms"] / 1e3)
+            # One step at a time, as the worker steps its models (the engine alone runs
+            # ahead: `step_ms`, its host work hidden).
+            decode = [(shape, r["batch"], r["batch"] * (r["ctx"] + 20),
+                       r.get("sync_step_ms", r["step_ms"]) / 1e3)
                       for r in data.get("decode_8b", [])]  # fmt: skip
             if decode:
                 # One model's rows: overhead and host work per sequence (a fixed term
@@ -187,6 +196,18 @@ class Calibration:
             if len(points) >= 2:
                 found["wake_overhead"], found["wake_fixed_s"] = _line_fit(points)
             sources.append(f"{worker.name}@{data.get('commit', '?')}")
+        multimodel = root / "bench_multimodel_h200.json"
+        if multimodel.is_file():
+            runs = json.loads(multimodel.read_text()).get("runs", [])
+            # the latest call's prism runs (the runs are in the order they were made)
+            latest = next((r.get("commit") for r in reversed(runs) if r.get("rounds")), None)
+            rows = [r for r in runs if r.get("commit") == latest
+                    and r["mode"].startswith("prism") and r.get("rounds")]  # fmt: skip
+            if rows:
+                rounds = sum(r["rounds"] for r in rows)
+                host_ms = sum(r["rounds"] * r["round_host_ms"] for r in rows) / rounds
+                found["round_fixed_s"] = host_ms / 1e3
+                sources.append(f"{multimodel.name}@{latest}")
         memory = root / "bench_memory_h200.json"
         if memory.is_file():
             data = json.loads(memory.read_text())

@@ -323,7 +323,7 @@ class SimGPU:
             plans = [
                 p for i in busy if (p := i.plan_step(self.cost, self.config.max_batched_tokens))
             ]
-            seconds = sum(p.seconds for p in plans)
+            seconds = sum(p.seconds for p in plans) + self.cost.calibration.round_fixed_s
             return Task("step", now, now + seconds, 1, seconds, plans)
         return self._start_segment(busy, now)
 
@@ -341,7 +341,7 @@ class SimGPU:
             return None  # everything was preempted; the waiting ones are admitted next
         rounds = max(1, min(rounds, min(i.decode_rounds_possible() for i in busy)))
         plans = []
-        round_s = 0.0
+        round_s = self.cost.calibration.round_fixed_s
         for instance in busy:
             batch = len(instance.decoding)
             mid_tokens = instance.decode_kv_tokens() + batch * (rounds - 1) // 2
