@@ -58,23 +58,28 @@ def test_deterministic_for_a_seed(policy: str, h200: GPUConfig, cost: CostModel)
 
 def test_a_lone_request_takes_the_closed_form_time(h200: GPUConfig, cost: CostModel) -> None:
     """Static, one request: TTFT = one prefill step; TPOT = the mean decode step, whose
-    KV grows one token a step (linear, so the mean is the step at the mean context)."""
+    KV grows one token a step (linear, so the mean is the step at the mean context); each
+    round also costs the worker's host time for a round."""
     ms = models("llama-3.1-8b")
     prompt, output = 1024, 65
     r, _ = run(workload([(1.0, 0)], prompt, output, 1, 10.0), ms, "static", 1, h200, cost)
     shape = ms[0].shape
-    assert r.ttft[0] == pytest.approx(cost.prefill_s(shape, prompt), rel=1e-9)
-    steps = [cost.decode_s(shape, 1, prompt + i) for i in range(output - 1)]
+    per_round = cost.calibration.round_fixed_s
+    assert per_round > 0
+    assert r.ttft[0] == pytest.approx(cost.prefill_s(shape, prompt) + per_round, rel=1e-9)
+    steps = [cost.decode_s(shape, 1, prompt + i) + per_round for i in range(output - 1)]
     assert r.tpot[0] == pytest.approx(sum(steps) / len(steps), rel=1e-4)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks(h200: GPUConfig, cost: CostModel) -> None:
-    """5,000 tokens with a 2,048-token step budget: three chunks, attention over the cache."""
+    """5,000 tokens with a 2,048-token step budget: three chunks (three rounds), attention
+    over the cache."""
     ms = models("llama-3.2-3b")
     r, _ = run(workload([(0.0, 0)], 5000, 1, 1, 10.0), ms, "static", 1, h200, cost)
     shape = ms[0].shape
     chunks = [(2048, 0), (2048, 2048), (904, 4096)]
-    assert r.ttft[0] == pytest.approx(sum(cost.prefill_s(shape, n, o) for n, o in chunks))
+    rounds = len(chunks) * cost.calibration.round_fixed_s
+    assert r.ttft[0] == pytest.approx(sum(cost.prefill_s(shape, n, o) for n, o in chunks) + rounds)
     assert r.tpot[0] == 0.0  # one output token: no time per further token
 
 
@@ -111,7 +116,7 @@ def test_alternating_models_thrash_under_swap_not_prism(h200: GPUConfig, cost: C
     ms = models("llama-3.2-3b", "llama-3.2-3b")
     shape = ms[0].shape
     prompt, wake = 512, cost.wake_s(shape)
-    prefill = cost.prefill_s(shape, prompt)
+    prefill = cost.prefill_s(shape, prompt) + cost.calibration.round_fixed_s  # its round
     ms = [replace(m, ttft_slo_s=(wake + prefill) / 2) for m in ms]
     w = workload([(1.0 * i, i % 2) for i in range(120)], prompt, 64, 2, 120.0)
     swap, sim = run(w, ms, "swap", 1, h200, cost)
