@@ -274,6 +274,8 @@ def sweep(
             "attainment": {str(s): attainment(records, slos, s) for s in args.slo_scales},
             "wakes": sum(m.wakes for m in stats.models),
             "sleeps": sum(m.sleeps for m in stats.models),
+            "preemptions": sum(m.preemptions for m in stats.models)
+            - sum(m.preemptions for m in before.models),
             "wall_s": time.perf_counter() - started,
             # the worker's rounds in this run: how many, the host's work and the wait
             "rounds": (rounds := stats.rounds - before.rounds),

@@ -296,6 +296,9 @@ def run_live(
     after = end.models
     summary["wakes"] = sum(m.wakes - before[m.name][0] for m in after)
     summary["sleeps"] = sum(m.sleeps - before[m.name][1] for m in after)
+    summary["preemptions"] = sum(m.preemptions for m in after) - sum(
+        m.preemptions for m in start.models
+    )
     # Where the worker's rounds went: the host's work before waiting, and the wait
     rounds = end.rounds - start.rounds
     summary["rounds"] = rounds
@@ -733,7 +736,8 @@ def print_rate(row: dict[str, Any]) -> None:
     live, sim = row["live"], row["sim"][MAIN]
     print(f"{row['rate']:5.2f} req/s: {row['requests']} requests; finished live "
           f"{live['finished']}, sim {sim['finished']}; wakes/sleeps live {live['wakes']}/"
-          f"{live['sleeps']}, sim {sim['wakes']}/{sim['sleeps']}", flush=True)  # fmt: skip
+          f"{live['sleeps']}, sim {sim['wakes']}/{sim['sleeps']}; preemptions live "
+          f"{live.get('preemptions', '?')}, sim {sim['preemptions']}", flush=True)  # fmt: skip
     if "rounds" in live:  # recorded since c56bdd1
         print(f"       live worker: {live['rounds']} rounds, host {live['round_host_ms']:.2f} ms "
               f"+ wait {live['round_wait_ms']:.2f} ms a round", flush=True)  # fmt: skip

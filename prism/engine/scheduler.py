@@ -46,6 +46,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.preemptions = 0  # requests preempted so far (for its own growth or another's)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -103,6 +104,7 @@ class Scheduler:
         req.num_cached_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
+        self.preemptions += 1
         self.waiting.appendleft(req)
         batch.preempted.append(req)
 

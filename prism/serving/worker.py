@@ -108,6 +108,7 @@ class ModelStats:
     host_bytes: int = 0  # its host copy (0 once dropped under the host budget)
     busy_s: float = 0.0  # wall time of its engine steps since it was added (cumulative)
     output_tokens: int = 0  # tokens those steps produced (cumulative)
+    preemptions: int = 0  # its requests preempted by recompute (cumulative)
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,6 +597,7 @@ class DeviceWorker:
                     host_bytes=slot.host_bytes,
                     busy_s=slot.busy_s,
                     output_tokens=slot.output_tokens,
+                    preemptions=engine.scheduler.preemptions if engine else 0,
                 )
             )
         pool = self.pool.stats()

@@ -178,6 +178,8 @@ def test_equal_priority_model_gets_its_fair_share_back_without_waiting() -> None
     assert len(finished) < 8, "b waited for most of a's backlog"
     preempted = sum(r.num_preemptions for i in a_ids if (r := a_engine.request(i)) is not None)
     assert preempted > 0
+    stats = {m.name: m.preemptions for m in worker.stats().models}
+    assert stats["a"] >= preempted and stats["b"] == 0
     for _, out in worker.run_until_idle(max_steps=20_000):
         counts[out.request_id] += len(out.new_token_ids)
     assert all(n == params.max_tokens for n in counts.values()), "a request lost tokens"
