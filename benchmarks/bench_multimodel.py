@@ -148,19 +148,25 @@ def build_worker(
     return worker
 
 
+def static_demand(args: argparse.Namespace, params: dict[str, int]) -> dict[str, float]:
+    """Each model's expected compute over the run: its requests' prompt and output tokens ×
+    its parameters, from the workload at 100 req/s (every rate has the same shares, and
+    this many requests estimate them well)."""
+    demand = dict.fromkeys(params, 0.0)
+    for r in sim_workload(args, 100.0, seed=1).requests:
+        name = f"m{r.model}"
+        demand[name] += (r.prompt_tokens + r.output_tokens) * params[name]
+    return demand
+
+
 def static_sms(args: argparse.Namespace, configs: dict[str, ModelConfig]) -> dict[str, int]:
     """The static partition's SM shares: in proportion to each model's expected compute
-    over the run (its requests' prompt and output tokens × its parameters, from the
-    workload at 100 req/s: every rate has the same shares, and this many requests
-    estimate them well), as a provider provisioning from last period's traffic would."""
+    (`static_demand`), as a provider provisioning from last period's traffic would."""
     from prism.serving.sm_partition import SmPartitions, proportional_sms
 
     if args.device == "cpu":
         raise SystemExit("mode static partitions the GPU's SMs: it needs CUDA (not --smoke)")
-    demand = dict.fromkeys(configs, 0.0)
-    for r in sim_workload(args, 100.0, seed=1).requests:
-        name = f"m{r.model}"
-        demand[name] += (r.prompt_tokens + r.output_tokens) * configs[name].num_parameters
+    demand = static_demand(args, {n: c.num_parameters for n, c in configs.items()})
     device = SmPartitions("cuda")
     shares = proportional_sms(demand, device.usable, device.granularity)
     print(f"static partition, SMs ({device.usable} of {device.total} usable):", shares, flush=True)

@@ -16,8 +16,10 @@ Modes and the simulator policies that stand for them:
 - `spatial` → `spatial-even`: every model resident, the KV memory split evenly;
 - `swap` → `swap`: one model resident at a time, swapped whole on demand.
 
-bench_multimodel's `static` (a fixed share of the SMs per model) has no policy here:
-the simulator's GPUs are not divided by compute.
+- `static` → each model alone on its partition of the GPU (`static_partition`): a
+  simulated GPU with the model's even KV share and its SM share's compute — matmul rate
+  and copy bandwidth scaled by what a share of that many SMs measured on the H200
+  (`results/sm_partition_h200.json`), shares sized as bench_multimodel sizes them.
 
 Solo SLOs: from `--slos` or `--live` (a bench_multimodel JSON), else simulated: each shape
 alone at `--solo-rate`.
@@ -31,25 +33,41 @@ Usage: python benchmarks/sim_multimodel.py --traces PATH/traces --live \\
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_multimodel import best_rates, build_parser, shape_list, sim_workload, trace_lengths
+from bench_multimodel import (
+    best_rates,
+    build_parser,
+    shape_list,
+    sim_workload,
+    static_demand,
+    trace_lengths,
+)
 from validate_sim import commit
 
 from prism.models.presets import PRESETS
-from prism.sim.cost_model import CostModel, ModelShape
+from prism.serving.sm_partition import proportional_sms
+from prism.sim.cost_model import H200, CostModel, ModelShape
 from prism.sim.gpu import GPUConfig
-from prism.sim.metrics import SimResult
+from prism.sim.metrics import SimResult, attainment
 from prism.sim.policies import make_policy
 from prism.sim.request import SimModel
 from prism.sim.simulator import SimConfig, Simulator
 from prism.sim.workloads import RequestSpec, Workload
 
-POLICY = {"prism": "prism-worker-slo", "spatial": "spatial-even", "swap": "swap"}
+POLICY = {
+    "prism": "prism-worker-slo",
+    "spatial": "spatial-even",
+    "swap": "swap",
+    "static": "spatial-even",
+}  # static: one simulation per model on its partition
+PROBE = Path(__file__).parent / "results" / "sm_partition_h200.json"
 GiB = 1 << 30
 
 
@@ -66,6 +84,53 @@ def simulate(
     )  # fmt: skip
     config = SimConfig(1, gpu, drain_s=args.grace)
     return Simulator(workload, models, make_policy(args.policy), config, CostModel()).run()
+
+
+def share_fractions(sms: int, probe: dict[str, Any]) -> tuple[float, float]:
+    """(matmul rate, copy bandwidth) of a share of `sms` SMs as fractions of the whole
+    device's: linear between the probe's measured shares (and the whole device)."""
+    points = [(0, 0.0, 0.0)] + [
+        (r["sms"], r["matmul_fraction"], r["copy_fraction"]) for r in probe["shares"]
+    ] + [(probe["device_sms"], 1.0, 1.0)]  # fmt: skip
+    for (s0, m0, c0), (s1, m1, c1) in itertools.pairwise(points):
+        if s0 <= sms <= s1:
+            t = (sms - s0) / (s1 - s0)
+            return m0 + t * (m1 - m0), c0 + t * (c1 - c0)
+    raise ValueError(f"{sms} SMs: the device has {probe['device_sms']}")
+
+
+def static_partition(
+    args: Any, workload: Workload, shapes: list[ModelShape], slos: list[tuple[float, float]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """bench_multimodel's `static`: every model alone on its partition (its even KV share,
+    its SM share's compute), the partitions independent. Returns per request: model,
+    finished, TTFT, TPOT (as `SimResult`'s arrays), over all the models."""
+    probe = json.loads(PROBE.read_text())
+    usable = probe["split_by_8"]["granules"] * probe["granularity"]["min_partition_sms"]
+    params = {f"m{i}": shape.params for i, shape in enumerate(shapes)}
+    sms = proportional_sms(static_demand(args, params), usable,
+                           probe["granularity"]["min_partition_sms"])  # fmt: skip
+    page = 2 << 20
+    weights = [-(-shape.weight_bytes // page) * page for shape in shapes]
+    share = (args.budget - sum(weights) - 8 * len(shapes) * page) // len(shapes)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for i, shape in enumerate(shapes):
+        matmul, copy = share_fractions(sms[f"m{i}"], probe)
+        spec = replace(H200, hbm_bytes_per_s=H200.hbm_bytes_per_s * copy,
+                       flops_per_s=H200.flops_per_s * matmul)  # fmt: skip
+        mine = [replace(r, model=0) for r in workload.requests if r.model == i]
+        alone = Workload(f"{workload.name}/m{i}", 1, workload.duration_s, mine)
+        gpu = GPUConfig(
+            memory_bytes=weights[i] + share + 8 * page, headroom_bytes=0, page_size=page,
+            block_size=16, model_overhead_bytes=0, max_num_seqs=args.max_seqs,
+            max_batched_tokens=args.step_tokens,
+        )  # fmt: skip
+        model = SimModel(0, f"m{i}", shape, *slos[i])
+        config = SimConfig(1, gpu, drain_s=args.grace)
+        policy = make_policy(POLICY["static"])
+        result = Simulator(alone, [model], policy, config, CostModel(spec)).run()
+        parts.append((np.full(len(result.model), i), result.finished, result.ttft, result.tpot))
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
 def solo_slos(args: Any, shapes: list[ModelShape]) -> dict[str, Any]:
@@ -153,16 +218,24 @@ def main() -> None:
         for rate in args.rates:
             scale = args.slo_scales[0]  # what the live worker orders by (bench_multimodel)
             scaled = [(scale * ttft, scale * tpot) for ttft, tpot in slos]
-            result = simulate(args, sim_workload(args, rate, seed=1), shapes, scaled)
+            workload = sim_workload(args, rate, seed=1)
+            if base == "static":
+                model, finished, ttft, tpot = static_partition(args, workload, shapes, scaled)
+                wakes = sleeps = preemptions = 0
+            else:
+                result = simulate(args, workload, shapes, scaled)
+                model, finished = result.model, result.finished
+                ttft, tpot = result.ttft, result.tpot
+                wakes, sleeps = sum(result.wakes.values()), sum(result.sleeps.values())
+                preemptions = int(result.preemptions.sum())
             att = {
-                str(s): _ttft_tpot(result.attainment(base_ttft * s, base_tpot * s))
+                str(s): _ttft_tpot(attainment(model, ttft, tpot, base_ttft * s, base_tpot * s))
                 for s in args.slo_scales
             }
             row = {"mode": mode, "policy": args.policy, "rate": rate, "attainment": att,
-                   "requests": len(result.model), "finished": int(result.finished.sum()),
-                   "wakes": int(sum(result.wakes.values())),
-                   "sleeps": int(sum(result.sleeps.values())),
-                   "preemptions": int(result.preemptions.sum())}  # fmt: skip
+                   "requests": len(model), "finished": int(finished.sum()),
+                   "wakes": int(wakes), "sleeps": int(sleeps),
+                   "preemptions": preemptions}  # fmt: skip
             results["runs"].append(row)
             cells = "  ".join(
                 f"x{s:g} {a['ttft']:.3f}/{a['tpot']:.3f}" for s, a in

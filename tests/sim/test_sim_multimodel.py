@@ -1,6 +1,7 @@
 """`benchmarks/sim_multimodel.py`: bench_multimodel's sweep in the simulator, on the
-live run's SLOs. The modes stand where the live H200 run put them: `swap` far behind at
-1 req/s, `prism` and `spatial` alike while KV memory never binds."""
+live run's SLOs. The modes stand where the live H200 run put them: `swap` and `static`
+(a partition of the SMs) far behind at 1 req/s, `prism` and `spatial` alike while KV
+memory never binds."""
 
 from __future__ import annotations
 
@@ -43,6 +44,23 @@ def test_the_modes_stand_as_live(sweep: dict[str, Any]) -> None:
         spatial = _row(sweep, "spatial", rate)
         assert _row(sweep, "prism", rate)["attainment"] == spatial["attainment"]
     assert sweep["best_rate"]["prism"]["10.0"] >= 3
+    static = _row(sweep, "static", 1)  # each model on its SM share: TTFT misses even at x10
+    assert static["attainment"]["10.0"]["ttft"] < prism["attainment"]["10.0"]["ttft"] - 0.3
+    assert "static" not in sweep["best_rate"]
+
+
+def test_share_fractions_follow_the_probe() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from sim_multimodel import PROBE, share_fractions
+
+    probe = json.loads(PROBE.read_text())
+    for row in probe["shares"]:
+        assert share_fractions(row["sms"], probe) == (row["matmul_fraction"], row["copy_fraction"])
+    matmul, copy = share_fractions(40, probe)  # between the 32- and 64-SM shares
+    assert 0.279 < matmul < 0.544 and 0.549 < copy < 0.877
+    assert share_fractions(probe["device_sms"], probe) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="SMs"):
+        share_fractions(500, probe)
 
 
 def test_the_sweep_is_deterministic(traces: Path, sweep: dict[str, Any], tmp_path: Path) -> None:
