@@ -371,6 +371,9 @@ def main() -> None:
     args.device = "cpu" if args.smoke else "cuda"
     args.budget = int(args.budget_gib * GiB)
     if args.smoke:
+        if "static" in args.modes.split(","):  # an SM partition needs CUDA
+            args.modes = ",".join(m for m in args.modes.split(",") if m != "static")
+            print("--smoke: mode static left out (it partitions a GPU's SMs)", flush=True)
         args.budget, args.seconds, args.grace, args.max_tokens = 64 << 20, 4.0, 20.0, 256
         args.rates, args.solo_seconds, args.solo_rate, args.max_seqs = [2, 4], 4.0, 2.0, 16
         args.solo_requests = 8
