@@ -17,8 +17,9 @@ GPU admits requests, and when a model sleeps.
 - `prism-no-tau` (ablation, not in the default set): `KVPressurePlacement` as is,
   stateless, so every re-placement may move any model.
 - `prism-worker` (not in the default set): one `DeviceWorker` as it runs on its own,
-  with no controller — elastic memory and its pressure hooks, each engine first come
-  first served, no idle timer (a model sleeps only when memory is wanted). What
+  with no controller — elastic memory and its pressure hooks, its models admitting in
+  turn as the worker rotates them when they have no SLOs (`RotatingOrder`), each first
+  come first served, no idle timer (a model sleeps only when memory is wanted). What
   `benchmarks/validate_sim.py` compares the live worker with.
 - `prism-worker-resident` (not in the default set): `prism-worker` with every model
   resident from the start, as `benchmarks/bench_multimodel.py` starts its worker, and
@@ -50,6 +51,7 @@ from prism.serving.policies import (
     KVPressurePlacement,
     LocalScheduler,
     PlacementPolicy,
+    RotatingOrder,
 )
 from prism.sim.adapters import (
     ModelStats,
@@ -314,12 +316,14 @@ def _prism_no_tau() -> Policy:
 
 def _prism_worker() -> Policy:
     no_timer = PrismConfig(idle_threshold_s=math.inf)
-    return PrismPolicy("prism-worker", lambda gpus: KVPressurePlacement(), no_timer, FIFOOrder)
+    return PrismPolicy("prism-worker", lambda gpus: KVPressurePlacement(), no_timer, RotatingOrder)
 
 
 def _prism_worker_resident() -> Policy:
     config = PrismConfig(idle_threshold_s=math.inf, start_resident=True)
-    return PrismPolicy("prism-worker-resident", lambda g: KVPressurePlacement(), config, FIFOOrder)
+    return PrismPolicy(
+        "prism-worker-resident", lambda g: KVPressurePlacement(), config, RotatingOrder
+    )
 
 
 def _prism_worker_slo() -> Policy:

@@ -21,6 +21,7 @@ from prism.serving.policies.local_scheduler import (
     LocalScheduler,
     LocalSchedulerConfig,
     PrefillEstimator,
+    RotatingOrder,
 )
 from prism.serving.policies.placement import (
     ComputeAwareConfig,
@@ -58,6 +59,7 @@ __all__ = [
     "Rate",
     "RateWindow",
     "RateWindowConfig",
+    "RotatingOrder",
     "RunningDecode",
     "StepCostWindow",
 ]

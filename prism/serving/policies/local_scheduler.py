@@ -132,6 +132,25 @@ class FIFOOrder(LocalScheduler):
         return sorted(pending, key=lambda r: (r.arrival_s, r.request_id))
 
 
+class RotatingOrder(LocalScheduler):
+    """Baseline: the `DeviceWorker`'s order without SLOs — models in turn, the first
+    model moving one place on at every call, each model's requests in arrival order."""
+
+    def __init__(
+        self, config: LocalSchedulerConfig, prefill_s: Mapping[str, PrefillEstimator]
+    ) -> None:
+        super().__init__(config, prefill_s)
+        self._turn = 0
+
+    def order(self, pending: Sequence[PendingRequest], now: float) -> list[PendingRequest]:
+        models = sorted({r.model for r in pending})
+        if not models:
+            return []
+        self._turn = (self._turn + 1) % len(models)
+        rank = {m: (i - self._turn) % len(models) for i, m in enumerate(models)}
+        return sorted(pending, key=lambda r: (rank[r.model], r.arrival_s, r.request_id))
+
+
 def _moore_hodgson(edf: list[_Job], now: float) -> tuple[list[_Job], list[_Job]]:
     """Split EDF-sorted jobs into a largest on-time set and the dropped, both in EDF order."""
     taken: list[tuple[float, int]] = []  # max-heap of (−prefill_s, −EDF index)

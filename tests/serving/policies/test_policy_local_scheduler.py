@@ -18,6 +18,7 @@ from prism.serving.policies import (
     LocalScheduler,
     LocalSchedulerConfig,
     PendingRequest,
+    RotatingOrder,
     RunningDecode,
 )
 
@@ -139,3 +140,13 @@ def test_preemption_is_all_or_nothing_and_respects_the_asker() -> None:
     victims = s.choose_preemption_victims(RUNNING, 5, 0, below_priority=1)
     assert [v.request_id for v in victims] == ["lo-new", "lo-old"]
     assert s.choose_preemption_victims(RUNNING, 6, 0, below_priority=1) == []
+
+
+def test_rotating_order_takes_models_in_turn() -> None:
+    """The worker's order without SLOs: each call moves the first model on by one; within
+    a model, arrival order."""
+    rot = scheduler(RotatingOrder)
+    firsts = [ids(rot.order(DOMINO, 10.0))[:2] for _ in range(3)]
+    assert firsts == [["a", "b"], ["e", "a"], ["a", "b"]]  # chat, batch, chat first
+    assert ids(rot.order(DOMINO, 10.0)) == ["e", "a", "b", "c", "d"]
+    assert rot.order([], 10.0) == []
