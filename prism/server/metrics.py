@@ -160,6 +160,9 @@ class _EngineCollector(Collector):
         weights = GaugeMetricFamily(
             "prism:weights_bytes_mapped", "Weight memory mapped on the device.", labels=label
         )
+        preemptions = CounterMetricFamily(
+            "prism:num_preemptions", "Requests preempted by recompute.", labels=label
+        )
         for model in self.models:
             current = model.state
             for s in ModelState:
@@ -168,7 +171,8 @@ class _EngineCollector(Collector):
             wakes.add_metric([model.name], stats.wakes if stats else 0)
             sleeps.add_metric([model.name], stats.sleeps if stats else 0)
             weights.add_metric([model.name], stats.weights_mapped_bytes if stats else 0)
-        yield from (state, wakes, sleeps, weights)
+            preemptions.add_metric([model.name], stats.preemptions if stats else 0)
+        yield from (state, wakes, sleeps, weights, preemptions)
 
     def _devices(self) -> Iterator[Metric]:
         budget = GaugeMetricFamily(

@@ -118,6 +118,7 @@ _COLUMNS: tuple[tuple[str, Callable[[Row], str]], ...] = (
     ("WAITING", lambda m: str(m["num_waiting"])),
     ("WAKES", lambda m: str(m["wakes"])),
     ("SLEEPS", lambda m: str(m["sleeps"])),
+    ("PREEMPT", lambda m: str(m.get("preemptions", "-"))),
     ("LAST WAKE", lambda m: f"{m['last_wake_ms']:.0f} ms" if m["wakes"] else "-"),
 )
 

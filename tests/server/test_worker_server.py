@@ -188,6 +188,7 @@ def test_metrics_give_each_models_state_wakes_sleeps_and_weights(live: LiveServe
         assert samples[("prism:model_wakes_total", label)] == row["wakes"]
         assert samples[("prism:model_sleeps_total", label)] == row["sleeps"]
         assert samples[("prism:weights_bytes_mapped", label)] == row["weights_bytes_mapped"]
+        assert samples[("prism:num_preemptions_total", label)] == row["preemptions"] >= 0
     device = (("device", "cpu"),)
     assert samples[("prism:pool_budget_bytes", device)] == BUDGET
     assert 0 <= samples[("prism:pool_free_bytes", device)] < BUDGET

@@ -40,6 +40,7 @@ class AdminModel(BaseModel):
     kv_blocks_used: int
     wakes: int
     sleeps: int
+    preemptions: int  # its requests preempted by recompute so far
     last_wake_ms: float
 
 
@@ -201,6 +202,7 @@ def _row(model: ServedModel) -> AdminModel:
         kv_blocks_used=engine.kv_used_blocks if engine else 0,
         wakes=stats.wakes if stats else 0,
         sleeps=stats.sleeps if stats else 0,
+        preemptions=stats.preemptions if stats else 0,
         last_wake_ms=stats.last_wake_s * 1e3 if stats else 0.0,
     )
 
