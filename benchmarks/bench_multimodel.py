@@ -103,6 +103,14 @@ def trace_lengths(args: argparse.Namespace) -> Lengths:
     raise SystemExit(f"--lengths {args.lengths!r}: azure, mooncake or lognormal:PROMPT:OUTPUT")
 
 
+def even_kv_share(budget: int, weight_bytes: list[int], page: int) -> int:
+    """Each model's KV share when the budget left beside the weights (each rounded up to
+    whole pages, and a few pages each for the KV padding group) is split evenly."""
+    weights = sum(-(-w // page) * page for w in weight_bytes)
+    padding = 8 * len(weight_bytes) * page
+    return (budget - weights - padding) // len(weight_bytes)
+
+
 def build_worker(
     mode: WorkerMode, configs: dict[str, ModelConfig], args: argparse.Namespace,
     free_running: bool = False, slos: dict[str, Any] | None = None,
@@ -120,9 +128,7 @@ def build_worker(
     )  # fmt: skip
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     page = 2 << 20 if args.device != "cpu" else 64 << 10
-    weights = sum(-(-c.weight_bytes(dtype) // page) * page for c in configs.values())
-    padding = 8 * len(configs) * page  # KV padding groups (a few pages each)
-    share = (args.budget - weights - padding) // len(configs)
+    share = even_kv_share(args.budget, [c.weight_bytes(dtype) for c in configs.values()], page)
     if share <= 0:
         raise SystemExit(f"budget {args.budget / GiB:.1f} GiB does not hold the weights")
     worker = DeviceWorker(

@@ -44,6 +44,7 @@ import numpy as np
 from bench_multimodel import (
     best_rates,
     build_parser,
+    even_kv_share,
     shape_list,
     sim_workload,
     static_demand,
@@ -68,22 +69,28 @@ POLICY = {
     "static": "spatial-even",
 }  # static: one simulation per model on its partition
 PROBE = Path(__file__).parent / "results" / "sm_partition_h200.json"
+PAGE = 2 << 20
 GiB = 1 << 30
 
 
 def simulate(
-    args: Any, workload: Workload, shapes: list[ModelShape], slos: list[tuple[float, float]]
-) -> SimResult:
+    args: Any, workload: Workload, shapes: list[ModelShape], slos: list[tuple[float, float]],
+    memory_bytes: int | None = None, cost: CostModel | None = None,
+) -> SimResult:  # fmt: skip
+    """`workload` on one simulated GPU of `memory_bytes` (default the budget) under
+    `args.policy`, with `cost` (default: the H200 defaults)."""
     models = [
         SimModel(i, f"m{i}", shape, ttft, tpot)
         for i, (shape, (ttft, tpot)) in enumerate(zip(shapes, slos, strict=True))
     ]
     gpu = GPUConfig(
-        memory_bytes=args.budget, headroom_bytes=0, page_size=2 << 20, block_size=16,
-        model_overhead_bytes=0, max_num_seqs=args.max_seqs, max_batched_tokens=args.step_tokens,
+        memory_bytes=memory_bytes or args.budget, headroom_bytes=0, page_size=PAGE,
+        block_size=16, model_overhead_bytes=0, max_num_seqs=args.max_seqs,
+        max_batched_tokens=args.step_tokens,
     )  # fmt: skip
     config = SimConfig(1, gpu, drain_s=args.grace)
-    return Simulator(workload, models, make_policy(args.policy), config, CostModel()).run()
+    policy = make_policy(args.policy)
+    return Simulator(workload, models, policy, config, cost or CostModel()).run()
 
 
 def share_fractions(sms: int, probe: dict[str, Any]) -> tuple[float, float]:
@@ -110,9 +117,7 @@ def static_partition(
     params = {f"m{i}": shape.params for i, shape in enumerate(shapes)}
     sms = proportional_sms(static_demand(args, params), usable,
                            probe["granularity"]["min_partition_sms"])  # fmt: skip
-    page = 2 << 20
-    weights = [-(-shape.weight_bytes // page) * page for shape in shapes]
-    share = (args.budget - sum(weights) - 8 * len(shapes) * page) // len(shapes)
+    share = even_kv_share(args.budget, [shape.weight_bytes for shape in shapes], PAGE)
     parts: list[tuple[np.ndarray, ...]] = []
     for i, shape in enumerate(shapes):
         matmul, copy = share_fractions(sms[f"m{i}"], probe)
@@ -120,15 +125,8 @@ def static_partition(
                        flops_per_s=H200.flops_per_s * matmul)  # fmt: skip
         mine = [replace(r, model=0) for r in workload.requests if r.model == i]
         alone = Workload(f"{workload.name}/m{i}", 1, workload.duration_s, mine)
-        gpu = GPUConfig(
-            memory_bytes=weights[i] + share + 8 * page, headroom_bytes=0, page_size=page,
-            block_size=16, model_overhead_bytes=0, max_num_seqs=args.max_seqs,
-            max_batched_tokens=args.step_tokens,
-        )  # fmt: skip
-        model = SimModel(0, f"m{i}", shape, *slos[i])
-        config = SimConfig(1, gpu, drain_s=args.grace)
-        policy = make_policy(POLICY["static"])
-        result = Simulator(alone, [model], policy, config, CostModel(spec)).run()
+        memory = -(-shape.weight_bytes // PAGE) * PAGE + share + 8 * PAGE
+        result = simulate(args, alone, [shape], [slos[i]], memory, CostModel(spec))
         parts.append((np.full(len(result.model), i), result.finished, result.ttft, result.tpot))
     return tuple(np.concatenate(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
 

@@ -55,7 +55,7 @@ class ModelRunner:
         """Run one step; returns (logits [S, V], indices into batch.requests of the S
         requests that sample a token this step)."""
         if self._graphs and self._is_decode(batch) and len(batch) <= max(self._graphs):
-            return self._replay(batch), list(range(len(batch)))
+            return self._replay(batch.requests), list(range(len(batch)))
         if self._mixed is not None and self._mixed.fits(batch):
             return self._replay_mixed(batch)
         return self._eager(batch)
@@ -68,11 +68,7 @@ class ModelRunner:
         [n, V]; every row samples."""
         n = len(requests)
         if self._graphs and n <= max(self._graphs):
-            assert self._static is not None
-            size = min(s for s in self._graphs if s >= n)
-            self._static.stage(requests, size, next_ids)
-            self._graphs[size].replay()
-            return self._static.logits[size][:n]
+            return self._replay(requests, next_ids)
         positions = [req.num_computed_tokens for req in requests]
         meta = AttentionMetadata.build(
             [1] * n, [p + 1 for p in positions], [req.block_ids for req in requests],
@@ -186,12 +182,16 @@ class ModelRunner:
         self._mixed_graphs[tokens].replay()
         return buf.logits[tokens][: len(sampling)], sampling
 
-    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _replay(
+        self, requests: Sequence[Request], next_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A decode step from the smallest graph that holds `requests` (their newest
+        tokens from `next_ids` on the device, if given: `_DecodeBuffers.stage`)."""
         buf = self._static
         assert buf is not None
-        n = len(batch)
+        n = len(requests)
         size = min(s for s in self._graphs if s >= n)
-        buf.stage(batch.requests, size)
+        buf.stage(requests, size, next_ids)
         self._graphs[size].replay()
         return buf.logits[size][:n]
 

@@ -336,8 +336,8 @@ class _Parser:
                 raise self.error(
                     f"models[{i}] ({m.name}).max_memory", "mode static needs it (the model's share)"
                 )
-            if m.sms is not None and devices is not None and any(d == "cpu" or d.startswith(
-                "cpu:") for d in devices):  # fmt: skip
+            cpu = devices is not None and any(torch_device(d) == "cpu" for d in devices)
+            if m.sms is not None and cpu:
                 raise self.error(f"models[{i}] ({m.name}).sms", "an SM share needs CUDA devices")
             if m.pinned is not None and devices is not None and m.pinned not in devices:
                 raise self.error(

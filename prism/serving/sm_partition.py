@@ -85,9 +85,9 @@ class SmPartitions:
     def free(self) -> int:
         return len(self._free) * self.granularity
 
-    def take(self, name: str, sms: int) -> torch.cuda.ExternalStream:
-        """A stream whose kernels run on `sms` SMs (rounded up to the granularity) of
-        the device's, for `name` alone. Raises `SmPartitionError` if too few are left."""
+    def check(self, name: str, sms: int) -> int:
+        """Granules a share of `sms` SMs for `name` takes (rounded up); raises
+        `SmPartitionError` if it cannot be had."""
         if name in self._shares:
             raise SmPartitionError(f"model {name!r} already has an SM share")
         if sms < 1:
@@ -95,9 +95,15 @@ class SmPartitions:
         count = -(-sms // self.granularity)
         if count > len(self._free):
             raise SmPartitionError(
-                f"model {name!r} asks for {count * self.granularity} SMs; {self.free} of "
-                f"the device's {self.total} are left"
+                f"model {name!r} asks for {sms} SMs; {self.free} of the device's "
+                f"{self.total} are left (shares are multiples of {self.granularity})"
             )
+        return count
+
+    def take(self, name: str, sms: int) -> torch.cuda.ExternalStream:
+        """A stream whose kernels run on `sms` SMs (rounded up to the granularity) of
+        the device's, for `name` alone. Raises `SmPartitionError` if too few are left."""
+        count = self.check(name, sms)
         cu = self._cu
         granules = self._free[:count]
         resources = [self._granules[i] for i in granules]

@@ -28,7 +28,7 @@ from prism.memory import PagePool, make_vmm
 from prism.serving.model_slot import ModelSlot, ModelSpec, ModelState
 from prism.serving.policies.local_scheduler import LocalScheduler, LocalSchedulerConfig
 from prism.serving.policies.slo import PendingRequest
-from prism.serving.sm_partition import SmPartitions
+from prism.serving.sm_partition import SmPartitionError, SmPartitions
 
 
 class WorkerMode(Enum):
@@ -183,13 +183,10 @@ class DeviceWorker:
         if spec.sms is not None:
             if not self.config.device.startswith("cuda"):
                 raise ValueError(f"model {spec.name!r}: an SM share (sms) needs a CUDA device")
-            sms = self._partitions()
-            want = -(-spec.sms // sms.granularity) * sms.granularity
-            if spec.sms < 1 or want > sms.free:
-                raise ValueError(
-                    f"model {spec.name!r} asks for {spec.sms} SMs; {sms.free} of the "
-                    f"device's {sms.total} are left (shares are multiples of {sms.granularity})"
-                )
+            try:
+                self._partitions().check(spec.name, spec.sms)
+            except SmPartitionError as e:
+                raise ValueError(str(e)) from e
 
     def _partitions(self) -> SmPartitions:
         if self._sms is None:
