@@ -120,9 +120,9 @@ GPUS = {"H200": H200, "H100": H100}
 class Calibration:
     """Measured factors between real step times and their physical floors."""
 
-    decode_overhead: float = 1.3202  # engine step / floor, batch 1..128 (8B, ctx 512), fitted
-    # prefill achieved / matmul rate, by tokens in the step (8B): 512, 2048, 8192 tokens
-    prefill_points: tuple[tuple[int, float], ...] = ((512, 0.757), (2048, 0.791), (8192, 0.711))
+    decode_overhead: float = 1.3540  # engine step / floor, batch 1..128 (8B, ctx 512), fitted
+    # prefill achieved / matmul rate, by tokens in the step (8B, CUDA graph): 512, 2048, 8192
+    prefill_points: tuple[tuple[int, float], ...] = ((512, 0.811), (2048, 0.814), (8192, 0.732))
     # wake / (bytes / H2D), least-squares slope over 1B, 3B, 8B (the copy runs as the
     # pages map, so a wake is close to the bare copy)
     wake_overhead: float = 1.001
@@ -132,7 +132,7 @@ class Calibration:
     # per sequence in it; the H200 results fit only the latter (one model's rows: a fixed
     # term would take the whole step, see `from_results`).
     step_fixed_s: float = 0.0
-    seq_fixed_s: float = 9.031e-06
+    seq_fixed_s: float = 8.955e-06
     # Host time per layer of an eager step (with a prefill chunk, so no CUDA graph): the
     # floor of such a step when launching kernels takes longer than running them.
     eager_layer_s: float = 0.0
@@ -142,7 +142,7 @@ class Calibration:
     # prism runs at 8a783c1, eight models, mean over their rounds.
     round_fixed_s: float = 0.000745
     roofline: str = "max"  # decode memory and compute time: "max" (overlapped) or "sum"
-    source: str = "defaults (H200 runs of commits a36eb75, 8a783c1, 171400a, d527b03, dee4692)"
+    source: str = "defaults (H200 runs of commits 82d2eb1, 8a783c1, 171400a, dee4692)"
     _tokens: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -185,7 +185,11 @@ class Calibration:
                     gpu_from_results(root), decode, rooflines=("max",), fixed_term=False
                 )
                 found.update(decode_overhead=overhead, seq_fixed_s=per_seq)
-            prefill = [(r["tokens"], r["of_matmul_rate"]) for r in data.get("prefill_8b", [])]
+            # Replayed from CUDA graphs, as the engine runs its prefill steps (eager rows
+            # only where a file has no graph rows): an eager step's launch moves with the
+            # host's load (8B, 512 tokens: 76% of the matmul rate at d527b03, 47% at 82d2eb1).
+            rows = data.get("prefill_8b_graph") or data.get("prefill_8b", [])
+            prefill = [(r["tokens"], r["of_matmul_rate"]) for r in rows]
             if prefill:
                 found["prefill_points"] = tuple(sorted(prefill))
             sources.append(f"{engine.name}@{data.get('commit', '?')}")
