@@ -112,20 +112,32 @@ class Record:
         return (self.finished - self.first_token) / (self.output_tokens - 1)
 
 
+def model_states(worker: DeviceWorker) -> dict[str, list[Any]]:
+    """Each model's [state, weight bytes mapped, KV bytes mapped, running, waiting]
+    (waiting counts requests held for a wake too): one sample of a run's timeline."""
+    return {m.name: [m.state, m.weights_mapped_bytes, m.kv_mapped_bytes, m.running, m.waiting]
+            for m in worker.stats().models}  # fmt: skip
+
+
 def replay(
     worker: DeviceWorker,
     arrivals: list[tuple[float, str, list[int], SamplingParams]],
     cutoff_s: float | None = None,
+    sample_s: float | None = None,
 ) -> tuple[dict[str, Any], list[Record]]:
     """Submit each request at its arrival time (seconds from now) while stepping the
     worker; TTFT counts from the scheduled arrival, so queueing behind a slow step counts.
     At `cutoff_s` whatever has not finished is aborted (and stays unfinished in the
-    records). Returns a summary and one record per request."""
+    records). With `sample_s` the summary holds a timeline: `model_states` between steps,
+    at most one sample per `sample_s`. Returns a summary and one record per request."""
     start = time.perf_counter()
     records: dict[str, Record] = {}
+    timeline: list[tuple[float, dict[str, list[Any]]]] = []
     i = 0
     while i < len(arrivals) or worker.has_work():
         now = time.perf_counter() - start
+        if sample_s is not None and (not timeline or now - timeline[-1][0] >= sample_s):
+            timeline.append((now, model_states(worker)))
         if cutoff_s is not None and now > cutoff_s:
             for rid, rec in records.items():
                 if rec.finished is None:
@@ -159,6 +171,8 @@ def replay(
                "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
                "ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))] if ttft else None,
                "tpot_mean_s": statistics.fmean(tpot) if tpot else None}  # fmt: skip
+    if sample_s is not None:
+        summary["timeline"] = timeline
     return summary, list(records.values())
 
 

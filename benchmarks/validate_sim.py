@@ -289,7 +289,9 @@ def run_live(
     before = {m.name: (m.wakes, m.sleeps) for m in start.models}
     vocab = min(c.vocab_size for c in setup.models.values())
     arrivals = live_arrivals(workload, names, vocab, seed)
-    summary, records = replay(worker, arrivals, cutoff_s=workload.duration_s + setup.grace_s)
+    summary, records = replay(
+        worker, arrivals, cutoff_s=workload.duration_s + setup.grace_s, sample_s=TIMELINE_S
+    )
     worker.run_until_idle()  # aborted requests leave nothing behind
     worker.check_integrity()
     end = worker.stats()
@@ -463,12 +465,13 @@ def run_sim(
         block_size=engine.block_size, model_overhead_bytes=0, max_num_seqs=engine.max_num_seqs,
         max_batched_tokens=engine.max_num_batched_tokens,
     )  # fmt: skip
-    config = SimConfig(1, gpu, drain_s=setup.grace_s)
+    config = SimConfig(1, gpu, sample_s=TIMELINE_S, drain_s=setup.grace_s)
     return Simulator(workload, models, make_policy(policy), config, cost).run()
 
 
 # ---- the comparison ---------------------------------------------------------------------
 
+TIMELINE_S = 0.05  # both sides' state per model is sampled this often (seconds)
 MAIN = "prism-worker/measured"  # the variant that runs what the live worker runs
 SIM_POLICIES = ("prism-worker", "prism")  # the paper's `prism` beside it, for reference
 
@@ -506,8 +509,28 @@ def live_side(
     started = time.perf_counter()
     live, summary = run_live(worker, setup, workload, list(setup.models), seed=int(rate * 1000))
     summary["wall_s"] = time.perf_counter() - started
+    timeline = live_timeline(summary.pop("timeline"), list(setup.models))
     return {"rate": rate, "requests": len(workload.requests), "live": summary,
-            "latencies": {"live": live.to_json()}}  # fmt: skip
+            "latencies": {"live": live.to_json()}, "timeline": {"live": timeline}}  # fmt: skip
+
+
+def live_timeline(
+    samples: list[tuple[float, dict[str, list[Any]]]], names: list[str]
+) -> dict[str, Any]:
+    """`replay`'s samples as columns: t [T]; state, weight and KV bytes, running and
+    waiting requests [T][model] (models in `names` order)."""
+    columns: dict[str, Any] = {"t": [round(t, 4) for t, _ in samples]}
+    for i, key in enumerate(("state", "weight_bytes", "kv_bytes", "running", "waiting")):
+        columns[key] = [[states[n][i] for n in names] for _, states in samples]
+    return columns
+
+
+def sim_timeline(result: SimResult) -> dict[str, Any]:
+    """The simulator's memory trace in `live_timeline`'s columns (what it records)."""
+    assert result.memory is not None
+    times, weights, kv = result.memory.arrays()
+    return {"t": [round(float(t), 4) for t in times], "weight_bytes": weights.tolist(),
+            "kv_bytes": kv.tolist()}  # fmt: skip
 
 
 def sim_side(
@@ -528,6 +551,8 @@ def sim_side(
                 slos = (base[0] * scale, base[1] * scale)
                 result = run_sim(setup, workload, shapes, cost, policy, slos, page)
                 sims.setdefault(label, {})[scale] = Latencies.from_sim(result)
+                if label == MAIN and scale == setup.slo_scales[0]:
+                    row.setdefault("timeline", {})["sim"] = sim_timeline(result)
                 row["sim"].setdefault(label, result.summary())
     live = Latencies.from_json(row["latencies"]["live"])
     row["latencies"]["sim"] = sims[MAIN][setup.slo_scales[0]].to_json()

@@ -50,6 +50,26 @@ def test_both_sides_ran_the_same_requests_to_the_end(smoke: tuple[dict[str, Any]
 
 
 @pytest.mark.slow
+def test_both_sides_record_memory_over_time(smoke: tuple[dict[str, Any], Path]) -> None:
+    """Each run keeps a timeline from either side: every model's mapped weights and KV
+    within the worker's budget, its weights mapped whenever it is active (live), and the
+    live requests running or waiting; the simulator's samples on the same spacing."""
+    results, _ = smoke
+    budget = results["setup"]["budget_bytes"]
+    models = len(results["setup"]["models"])
+    for run in results["runs"]:
+        live, sim = run["timeline"]["live"], run["timeline"]["sim"]
+        assert len(live["t"]) > 2 and len(sim["t"]) > 2
+        assert all(b >= a for a, b in zip(live["t"], live["t"][1:], strict=False))
+        for side in (live, sim):
+            for weights, kv in zip(side["weight_bytes"], side["kv_bytes"], strict=True):
+                assert len(weights) == len(kv) == models and sum(weights) + sum(kv) <= budget
+        for states, weights in zip(live["state"], live["weight_bytes"], strict=True):
+            assert all(w > 0 for s, w in zip(states, weights, strict=True) if s == "active")
+        assert max(max(r) for r in live["running"]) > 0
+
+
+@pytest.mark.slow
 def test_attainment_comes_from_the_same_slos(smoke: tuple[dict[str, Any], Path]) -> None:
     """Both sides' attainment is recomputed exactly from the per-request latencies and
     one set of SLOs: scale × each model's live solo p95."""
