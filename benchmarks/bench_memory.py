@@ -509,8 +509,10 @@ def main() -> None:
         ),
         (
             "alloc p50/p99, quiet busy loop repeated, us",
-            ", ".join(f"{x['p50_us']:.1f} / {x['p99_us']:.1f}"
-                      for x in results["alloc_quiet_spin_repeats"]),  # fmt: skip
+            ", ".join(
+                f"{x['p50_us']:.1f} / {x['p99_us']:.1f}"
+                for x in results["alloc_quiet_spin_repeats"]
+            ),
             "(host spread)",
         ),
         (
