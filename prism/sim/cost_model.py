@@ -109,10 +109,10 @@ class GPUSpec:
 
 
 # Measured on the lent H200 (benchmarks/results/bench_engine_h200.json, bench_worker_h200.json).
-H200 = GPUSpec("H200", 143_771 * MiB, 4.2226e12, 7.9124e14, 5.5312e10)
+H200 = GPUSpec("H200", 143_771 * MiB, 4.1655e12, 7.8508e14, 5.5343e10)
 # Not measured here: H100 SXM at the same fractions of its datasheet as the H200 reached
-# of its own (4.22/4.8 TB/s, 791/989 TFLOP/s), PCIe 5 host copy as measured on the H200.
-H100 = GPUSpec("H100", 81_559 * MiB, 3.35e12 * 4.2226 / 4.8, 7.9124e14, 5.5312e10)
+# of its own (4.17/4.8 TB/s, 785/989 TFLOP/s), PCIe 5 host copy as measured on the H200.
+H100 = GPUSpec("H100", 81_559 * MiB, 3.35e12 * 4.1655 / 4.8, 7.8508e14, 5.5343e10)
 GPUS = {"H200": H200, "H100": H100}
 
 
@@ -127,7 +127,7 @@ class Calibration:
     # pages map, so a wake is close to the bare copy)
     wake_overhead: float = 1.001
     wake_fixed_s: float = 0.0059  # its intercept: per-wake work that does not scale with bytes
-    unmap_s_per_gib: float = 0.0105  # sleep: unmapping 1 GiB of pages (bench_memory shrink)
+    unmap_s_per_gib: float = 0.0119  # sleep: unmapping 1 GiB of pages (bench_memory shrink)
     # Host work of an engine step, whatever the model (scheduling, inputs, sampling), and
     # per sequence in it; the H200 results fit only the latter (one model's rows: a fixed
     # term would take the whole step, see `from_results`).
@@ -142,7 +142,7 @@ class Calibration:
     # prism runs at 8a783c1, eight models, mean over their rounds.
     round_fixed_s: float = 0.000745
     roofline: str = "max"  # decode memory and compute time: "max" (overlapped) or "sum"
-    source: str = "defaults (H200 runs of commits 82d2eb1, 8a783c1, 171400a, dee4692)"
+    source: str = "defaults (H200 runs of commits 82d2eb1, 8a783c1, ce399a0, dee4692)"
     _tokens: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
