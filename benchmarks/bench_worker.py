@@ -112,11 +112,16 @@ class Record:
         return (self.finished - self.first_token) / (self.output_tokens - 1)
 
 
-def model_states(worker: DeviceWorker) -> dict[str, list[Any]]:
-    """Each model's [state, weight bytes mapped, KV bytes mapped, running, waiting]
-    (waiting counts requests held for a wake too): one sample of a run's timeline."""
-    return {m.name: [m.state, m.weights_mapped_bytes, m.kv_mapped_bytes, m.running, m.waiting]
-            for m in worker.stats().models}  # fmt: skip
+def model_states(worker: DeviceWorker) -> dict[str, Any]:
+    """One sample of a run's timeline: each model's [state, weight bytes mapped, KV bytes
+    mapped, running, waiting (requests held for a wake too), engine busy seconds, output
+    tokens, preemptions] (the last three cumulative), and the worker's rounds with their
+    host and wait seconds (cumulative)."""
+    stats = worker.stats()
+    models = {m.name: [m.state, m.weights_mapped_bytes, m.kv_mapped_bytes, m.running,
+                       m.waiting, m.busy_s, m.output_tokens, m.preemptions]
+              for m in stats.models}  # fmt: skip
+    return {"models": models, "rounds": [stats.rounds, stats.round_host_s, stats.round_wait_s]}
 
 
 def replay(
@@ -132,7 +137,7 @@ def replay(
     at most one sample per `sample_s`. Returns a summary and one record per request."""
     start = time.perf_counter()
     records: dict[str, Record] = {}
-    timeline: list[tuple[float, dict[str, list[Any]]]] = []
+    timeline: list[tuple[float, dict[str, Any]]] = []
     i = 0
     while i < len(arrivals) or worker.has_work():
         now = time.perf_counter() - start

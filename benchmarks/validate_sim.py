@@ -464,6 +464,8 @@ def run_sim(
         memory_bytes=setup.budget_bytes, headroom_bytes=0, page_size=page_size,
         block_size=engine.block_size, model_overhead_bytes=0, max_num_seqs=engine.max_num_seqs,
         max_batched_tokens=engine.max_num_batched_tokens,
+        graph_tokens=tuple(t for t in engine.cuda_graph_tokens
+                           if t <= engine.max_num_batched_tokens),
     )  # fmt: skip
     config = SimConfig(1, gpu, sample_s=TIMELINE_S, drain_s=setup.grace_s)
     return Simulator(workload, models, make_policy(policy), config, cost).run()
@@ -514,14 +516,19 @@ def live_side(
             "latencies": {"live": live.to_json()}, "timeline": {"live": timeline}}  # fmt: skip
 
 
-def live_timeline(
-    samples: list[tuple[float, dict[str, list[Any]]]], names: list[str]
-) -> dict[str, Any]:
-    """`replay`'s samples as columns: t [T]; state, weight and KV bytes, running and
-    waiting requests [T][model] (models in `names` order)."""
+LIVE_COLUMNS = ("state", "weight_bytes", "kv_bytes", "running", "waiting", "busy_s",
+                "output_tokens", "preemptions")  # fmt: skip
+
+
+def live_timeline(samples: list[tuple[float, dict[str, Any]]], names: list[str]) -> dict[str, Any]:
+    """`replay`'s samples as columns: t [T]; per model [T][model] (models in `names`
+    order) its state, weight and KV bytes, running and waiting requests, and cumulative
+    engine seconds, output tokens and preemptions; the worker's cumulative rounds, round
+    host and wait seconds [T][3]."""
     columns: dict[str, Any] = {"t": [round(t, 4) for t, _ in samples]}
-    for i, key in enumerate(("state", "weight_bytes", "kv_bytes", "running", "waiting")):
-        columns[key] = [[states[n][i] for n in names] for _, states in samples]
+    for i, key in enumerate(LIVE_COLUMNS):
+        columns[key] = [[sample["models"][n][i] for n in names] for _, sample in samples]
+    columns["rounds"] = [sample["rounds"] for _, sample in samples]
     return columns
 
 

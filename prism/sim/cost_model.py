@@ -387,9 +387,13 @@ class CostModel:
         )
         return 2.0 * shape.matmul_params * tokens + attention
 
-    def prefill_s(self, shape: ModelShape, tokens: int, offset: int = 0) -> float:
-        """A prefill step alone: one chunk of `tokens` prompt tokens."""
-        return self.step_s(shape, 0, 0, tokens, self.prefill_flops(shape, tokens, offset))
+    def prefill_s(
+        self, shape: ModelShape, tokens: int, offset: int = 0, graph_rows: int = 0
+    ) -> float:
+        """A prefill step alone: one chunk of `tokens` prompt tokens (replayed from a
+        graph of `graph_rows` tokens, or eager if 0)."""
+        flops = self.prefill_flops(shape, tokens, offset)
+        return self.step_s(shape, 0, 0, tokens, flops, graph_rows=graph_rows)
 
     def step_s(
         self,
@@ -399,17 +403,22 @@ class CostModel:
         prefill_tokens: int,
         prefill_flops: float,
         prefill_seqs: int = 1,
+        graph_rows: int = 0,
     ) -> float:
         """A mixed step: `batch` decodes over `kv_tokens` of KV plus prefill chunks of
         `prefill_seqs` prompts, `prefill_tokens` tokens in all, costing `prefill_flops`
-        (see `prefill_flops`)."""
+        (see `prefill_flops`). Replayed from a CUDA graph of `graph_rows` tokens (the
+        engine's next captured size up), every row runs the matmuls, padding included;
+        eager (0), the step runs its own rows but its layers are launched from the host."""
         decode = self.decode_s(shape, max(batch, 1), kv_tokens)
         if prefill_tokens <= 0:
             return decode if batch > 0 else 0.0
         c = self.calibration
-        flops = prefill_flops + 2.0 * shape.matmul_params * batch
-        compute = flops / (self.gpu.flops_per_s * c.prefill_efficiency(prefill_tokens))
-        eager = shape.layers * c.eager_layer_s  # no CUDA graph: launched kernel by kernel
+        rows = max(graph_rows, batch + prefill_tokens)
+        flops = prefill_flops + 2.0 * shape.matmul_params * (rows - prefill_tokens)
+        efficiency = c.prefill_efficiency(rows if graph_rows else prefill_tokens)
+        compute = flops / (self.gpu.flops_per_s * efficiency)
+        eager = 0.0 if graph_rows else shape.layers * c.eager_layer_s  # launched per kernel
         host = c.step_fixed_s + c.seq_fixed_s * (batch + prefill_seqs)
         return max(decode, max(compute, eager) + host)
 

@@ -41,6 +41,9 @@ class GPUConfig:
     model_overhead_bytes: int = 256 << 20  # per resident model: workspaces, graph memory
     max_num_seqs: int = 128
     max_batched_tokens: int = 2048  # per engine step, as EngineConfig
+    # Token counts of the graphs a step with prefill replays (the next size up, padding
+    # included), as EngineConfig.cuda_graph_tokens; () for eager steps
+    graph_tokens: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
     max_rounds: int = 256  # longest decode segment; step times are refreshed after it
     mode: str = ELASTIC
 
@@ -320,9 +323,11 @@ class SimGPU:
             return None
         self._protected.update(busy)
         if any(i.prefilling for i in busy):
+            config = self.config
             plans = [
-                p for i in busy if (p := i.plan_step(self.cost, self.config.max_batched_tokens))
-            ]
+                p for i in busy
+                if (p := i.plan_step(self.cost, config.max_batched_tokens, config.graph_tokens))
+            ]  # fmt: skip
             seconds = sum(p.seconds for p in plans) + self.cost.calibration.round_fixed_s
             return Task("step", now, now + seconds, 1, seconds, plans)
         return self._start_segment(busy, now)

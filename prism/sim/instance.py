@@ -9,6 +9,7 @@ WAKING while the weights are copied in.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -167,8 +168,12 @@ class Instance:
 
     # ---- engine steps ----------------------------------------------------------------
 
-    def plan_step(self, cost: CostModel, token_budget: int) -> StepPlan | None:
-        """One step: every decode plus prefill chunks up to the token budget."""
+    def plan_step(
+        self, cost: CostModel, token_budget: int, graph_tokens: Sequence[int] = ()
+    ) -> StepPlan | None:
+        """One step: every decode plus prefill chunks up to the token budget, replayed
+        from the smallest of the engine's `graph_tokens` graphs that holds it (eager if
+        none does)."""
         if not self.holds_kv:
             return None
         shape = self.model.shape
@@ -186,7 +191,9 @@ class Instance:
             flops += cost.prefill_flops(shape, n, request.kv_tokens)
             tokens += n
             budget -= n
-        seconds = cost.step_s(shape, batch, kv_tokens, tokens, flops, len(chunks))
+        rows = batch + tokens
+        graph = min((t for t in graph_tokens if t >= rows), default=0) if tokens else 0
+        seconds = cost.step_s(shape, batch, kv_tokens, tokens, flops, len(chunks), graph)
         return StepPlan(self, seconds, chunks)
 
     def finish_step(self, plan: StepPlan, now: float) -> list[SimRequest]:

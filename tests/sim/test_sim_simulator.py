@@ -73,13 +73,15 @@ def test_a_lone_request_takes_the_closed_form_time(h200: GPUConfig, cost: CostMo
 
 def test_a_long_prompt_is_prefilled_in_chunks(h200: GPUConfig, cost: CostModel) -> None:
     """5,000 tokens with a 2,048-token step budget: three chunks (three rounds), attention
-    over the cache."""
+    over the cache; the last, 904 tokens, replays the engine's 1,024-token graph."""
     ms = models("llama-3.2-3b")
     r, _ = run(workload([(0.0, 0)], 5000, 1, 1, 10.0), ms, "static", 1, h200, cost)
     shape = ms[0].shape
-    chunks = [(2048, 0), (2048, 2048), (904, 4096)]
+    chunks = [(2048, 0, 2048), (2048, 2048, 2048), (904, 4096, 1024)]
     rounds = len(chunks) * cost.calibration.round_fixed_s
-    assert r.ttft[0] == pytest.approx(sum(cost.prefill_s(shape, n, o) for n, o in chunks) + rounds)
+    steps = sum(cost.prefill_s(shape, n, o, graph) for n, o, graph in chunks)
+    assert r.ttft[0] == pytest.approx(steps + rounds)
+    assert steps > sum(cost.prefill_s(shape, n, o) for n, o, _ in chunks)  # the padding
     assert r.tpot[0] == 0.0  # one output token: no time per further token
 
 

@@ -67,6 +67,13 @@ def test_both_sides_record_memory_over_time(smoke: tuple[dict[str, Any], Path]) 
         for states, weights in zip(live["state"], live["weight_bytes"], strict=True):
             assert all(w > 0 for s, w in zip(states, weights, strict=True) if s == "active")
         assert max(max(r) for r in live["running"]) > 0
+        rounds = [r[0] for r in live["rounds"]]  # cumulative: the worker's rounds so far
+        assert rounds == sorted(rounds) and rounds[-1] > 0 and len(live["rounds"][0]) == 3
+        for key in ("busy_s", "output_tokens", "preemptions"):
+            for model in range(models):
+                column = [row[model] for row in live[key]]
+                assert column == sorted(column)  # cumulative
+        assert sum(live["output_tokens"][-1]) > sum(live["output_tokens"][0])
 
 
 @pytest.mark.slow
