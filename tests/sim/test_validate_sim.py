@@ -113,3 +113,24 @@ def test_calibration_was_fitted_and_resimulation_repeats_it(
     redone = json.loads(again.read_text())
     for old, new in zip(results["runs"], redone["runs"], strict=True):
         assert old["attainment"] == new["attainment"]
+
+
+@pytest.mark.slow
+def test_probe_rounds_replays_a_window_with_its_rounds(traces: Path, tmp_path: Path) -> None:
+    """`benchmarks/probe_rounds.py`: only the window's requests are replayed (all to the
+    end), and its intervals account for the worker's rounds: their count adds up to the
+    rounds the run made, host + wait never exceed a round's length."""
+    out = tmp_path / "probe.json"
+    probe = REPO / "benchmarks" / "probe_rounds.py"
+    subprocess.run([sys.executable, str(probe), "--setup", "smoke", "--traces", str(traces),
+                    "--rate", "3", "--window", "2,12", "--step", "1", "--out", str(out)],
+                   cwd=REPO, check=True, timeout=300, capture_output=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    arrivals = _array(result["latencies"]["arrival"])
+    assert len(arrivals) == result["summary"]["requests"] > 0
+    assert result["summary"]["finished"] == result["summary"]["requests"]
+    assert arrivals.min() >= 0.0 and arrivals.max() < 10.0  # shifted to the window's start
+    rows = result["intervals"]
+    assert rows and sum(r["rounds"] for r in rows) <= result["summary"]["rounds"]
+    for row in rows:
+        assert row["host_ms"] + row["wait_ms"] <= row["round_ms"] * 1.01
