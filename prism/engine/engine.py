@@ -176,7 +176,10 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        arrival_time: float | None = None,
     ) -> str:
+        """Queue a request; `arrival_time` (time.monotonic) when it arrived before now
+        (held while its model woke, say): deadlines and first-come order count from it."""
         params = params or SamplingParams()
         ids = self._tokenize(prompt)
         if not ids:
@@ -194,6 +197,8 @@ class Engine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, ids, params)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
         if params.seed is not None:
             req.generator = torch.Generator(device=self.model.device)
             req.generator.manual_seed(params.seed)

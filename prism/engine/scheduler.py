@@ -47,6 +47,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0  # requests preempted so far (for its own growth or another's)
+        # Waiting requests that arrived at or after this time (time.monotonic) are not
+        # admitted: another model's older requests go first (the worker's swap mode)
+        self.admit_before: float | None = None
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -88,6 +91,8 @@ class Scheduler:
             req = self.waiting[0]
             if req in batch.preempted:
                 break  # not back in the step that preempted it
+            if self.admit_before is not None and req.arrival_time >= self.admit_before:
+                break  # its turn comes after another model's older requests
             count = self.kv.admit(req, budget)
             if count == 0:
                 break  # the cache is full: the head of the queue waits

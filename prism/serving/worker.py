@@ -9,7 +9,9 @@ finally preempts requests of models of no higher priority. A request never meets
 CUDA out-of-memory: a model that cannot be woken keeps its requests waiting.
 
 Modes, for comparisons: `prism` (all of the above), `static` (a fixed KV share per
-model, every model resident, never sleeps), `swap` (one model resident at a time).
+model, every model resident, never sleeps), `swap` (one model resident at a time,
+requests served first come, first served across models: the resident model admits
+only what arrived before the next model's oldest request, then yields to its wake).
 """
 
 from __future__ import annotations
@@ -222,6 +224,9 @@ class DeviceWorker:
         if slot.state is ModelState.ACTIVE:
             return True
         if self.config.mode is WorkerMode.SWAP:
+            turn = self._swap_turn()
+            if turn is not None and turn[0] != name:
+                return False  # another model's older requests are served first
             for other in self.models.values():
                 if other is not slot and other.state is ModelState.ACTIVE:
                     if other.holds_kv or other.spec.name in self._protected:
@@ -234,6 +239,36 @@ class DeviceWorker:
         self._protected.add(name)
         self._install_pressure_hooks(slot)
         return True
+
+    def _oldest_queued(self, name: str) -> float | None:
+        """When the oldest request queued for `name` and not running arrived (held for
+        its wake, or waiting in its engine); None if there is none."""
+        times = [p.since for p in self._pending if p.model == name]
+        engine = self.models[name].engine
+        if engine is not None:
+            times += [r.arrival_time for r in engine.scheduler.waiting]
+        return min(times, default=None)
+
+    def _swap_turn(self) -> tuple[str, float] | None:
+        """Swap mode serves requests first come, first served across models: the model
+        not resident whose oldest queued request came first, and when it came."""
+        turn = None
+        for name, slot in self.models.items():
+            if slot.state is ModelState.ACTIVE:
+                continue
+            since = self._oldest_queued(name)
+            if since is not None and (turn is None or since < turn[1]):
+                turn = (name, since)
+        return turn
+
+    def _swap_admission(self) -> None:
+        """Swap mode: a resident model admits only requests older than the next model's
+        oldest (its newer ones wait for their turn); with none running and none older,
+        it leaves the memory phase to that model's wake."""
+        turn = self._swap_turn() if self.config.mode is WorkerMode.SWAP else None
+        for slot in self.models.values():
+            if slot.state is ModelState.ACTIVE and slot.engine is not None:
+                slot.engine.scheduler.admit_before = None if turn is None else turn[1]
 
     def _fit_host_budget(self, keep: str) -> None:
         """Drop host copies, least recently used first, of models that are not active
@@ -407,9 +442,11 @@ class DeviceWorker:
         free = self.config.free_running
         if free:
             self._collect(outputs, errors, wait="none")
+        self._swap_admission()
         names = [
             n for n, s in self.models.items()
             if s.state is ModelState.ACTIVE and not s.idle and n not in self._in_flight
+            and not self._yields_turn(s)
         ]  # fmt: skip
         if names:  # rotate the order so no model always goes first (to take memory)
             self._turn = (self._turn + 1) % len(names)
@@ -460,6 +497,15 @@ class DeviceWorker:
         if errors:
             raise StepError(errors, outputs)
         return outputs
+
+    def _yields_turn(self, slot: ModelSlot) -> bool:
+        """Swap mode: nothing running and nothing it may admit before another model's
+        turn — not scheduled, so that model's wake can take its place."""
+        cutoff = slot.engine.scheduler.admit_before if slot.engine is not None else None
+        if cutoff is None or slot.holds_kv:
+            return False
+        oldest = self._oldest_queued(slot.spec.name)
+        return oldest is None or oldest >= cutoff
 
     def _slo_order(self, names: list[str]) -> list[str]:
         """The round's order when every model in it has an SLO: models with only running
@@ -545,7 +591,9 @@ class DeviceWorker:
             slot = self.models[pending.model]
             if slot.state is ModelState.ACTIVE or self.wake(pending.model):
                 assert slot.engine is not None
-                slot.engine.add_request(pending.prompt, pending.params, pending.request_id)
+                slot.engine.add_request(
+                    pending.prompt, pending.params, pending.request_id, arrival_time=pending.since
+                )
                 self._pending.remove(pending)
 
     def expire_pending(self) -> list[tuple[str, str]]:

@@ -60,6 +60,24 @@ def test_fifo_admission_up_to_max_num_seqs() -> None:
     kv.check_integrity()
 
 
+def test_admission_stops_at_requests_newer_than_the_cutoff() -> None:
+    """With `admit_before` set, waiting requests that arrived at or after it stay queued
+    (running ones still run); cleared, they are admitted."""
+    sched, kv, _ = make()
+    old, new = request(5, 0), request(5, 10)
+    old.arrival_time, new.arrival_time = 1.0, 2.0
+    sched.add(old)
+    sched.add(new)
+    sched.admit_before = 2.0
+    batch = sched.schedule()
+    assert batch.requests == [old] and list(sched.waiting) == [new]
+    advance(kv, batch)
+    assert sched.schedule().requests == [old]  # the running one decodes; new still waits
+    sched.admit_before = None
+    assert sched.schedule().requests == [old, new]
+    kv.check_integrity()
+
+
 def test_token_budget_chunks_prefills() -> None:
     """Each step computes at most max_num_batched_tokens: a prompt that does not fit is
     chunked, and later steps carry on with it beside the decodes."""

@@ -131,6 +131,50 @@ def test_swap_mode_keeps_one_model_resident() -> None:
     worker.close()
 
 
+def test_swap_mode_serves_models_first_come_first_served() -> None:
+    """`swap` serves requests in arrival order across models: a request for the resident
+    model that arrives after one for a sleeping model waits for that model's turn (the
+    resident finishes what it runs, then sleeps), and then the first model wakes again.
+    Held for a wake, a request keeps its arrival time in the engine."""
+    worker = _worker(24, mode=WorkerMode.SWAP)
+    a1 = worker.submit("a", _prompt(1, 40), GREEDY)
+    worker.step()  # a wakes; a1 runs
+    b1 = worker.submit("b", _prompt(2, 40), GREEDY)  # a holds KV: b1 is held for b's wake
+    a2 = worker.submit("a", _prompt(3, 40), GREEDY)  # queued in a's engine, after b1
+    assert worker.models["b"].state.value != "active"
+    first: dict[str, int] = {}
+    for i in range(5000):
+        if not worker.has_work():
+            break
+        for _, out in worker.step():
+            if out.new_token_ids:
+                first.setdefault(out.request_id, i)
+    assert set(first) == {a1, b1, a2}
+    assert first[a1] < first[b1] < first[a2]
+    wakes = {m.name: m.wakes for m in worker.stats().models}
+    assert wakes["a"] == 2 and wakes["b"] == 1
+    worker.check_integrity()
+    worker.close()
+
+
+def test_a_request_held_for_a_wake_keeps_its_arrival_time() -> None:
+    """Its engine orders it (and counts its deadline) from when it was submitted, not
+    from when its model woke."""
+    worker = _worker(24, mode=WorkerMode.SWAP)
+    worker.submit("a", _prompt(1, 40), GREEDY)
+    worker.step()
+    worker.submit("b", _prompt(2, 40), GREEDY, request_id="held")
+    since = worker._pending[0].since
+    for _ in range(5000):
+        engine = worker.models["b"].engine
+        if engine is not None and "held" in engine._requests:
+            break
+        worker.step()
+    assert engine is not None and engine._requests["held"].arrival_time == since
+    worker.run_until_idle(max_steps=5000)
+    worker.close()
+
+
 def test_static_mode_needs_shares_and_never_sleeps() -> None:
     """`static` gives each model a fixed KV share, all resident from the start."""
     with pytest.raises(ValueError, match="max_kv_bytes"):
