@@ -171,14 +171,17 @@ def host_profile(config: ModelConfig, batch: int, ctx: int, steps: int = 50) -> 
 
 
 def prefill(
-    config: ModelConfig, ceil: dict[str, float], lengths: list[int], graphs: bool = False
-) -> list[dict]:
+    config: ModelConfig, ceil: dict[str, float], lengths: list[int], graphs: bool = False,
+    graph_tokens: tuple[int, ...] | None = None,
+) -> list[dict]:  # fmt: skip
     """One prompt of each length in one step: achieved FLOP rate vs the matmul rate.
-    `graphs`: each length replays a token-count CUDA graph (else launched eagerly)."""
+    `graphs`: each length replays a token-count CUDA graph (else launched eagerly);
+    `graph_tokens`: the graphs captured instead (a step replays the next size up)."""
+    sizes = graph_tokens if graph_tokens is not None else tuple(lengths) if graphs else ()
     engine = make_engine(
         config, max_num_seqs=4, max_model_len=max(lengths) + 16,
-        max_num_batched_tokens=max(lengths), kv_cache_bytes=20 * GiB, prefix_caching=False,
-        cuda_graph_sizes=(), cuda_graph_tokens=tuple(lengths) if graphs else (),
+        max_num_batched_tokens=max([*lengths, *sizes]), kv_cache_bytes=20 * GiB,
+        prefix_caching=False, cuda_graph_sizes=(), cuda_graph_tokens=sizes,
     )  # fmt: skip
     rows = []
     rng = random.Random(1)
@@ -196,10 +199,22 @@ def prefill(
         step = statistics.median(times[1:])
         attn = 2 * config.num_layers * config.num_heads * config.head_dim * n * n  # causal QK+PV
         flops = 2 * matmul_params(config) * n + attn
-        rows.append({"tokens": n, "graph": graphs, "step_ms": step * 1e3,
+        rows.append({"tokens": n, "graph": bool(sizes), "step_ms": step * 1e3,
                      "tflops": flops / step / 1e12,
                      "of_matmul_rate": flops / step / ceil["bf16_flops_per_s"]})  # fmt: skip
     engine.close()
+    return rows
+
+
+def padding(config: ModelConfig, ceil: dict[str, float], tokens: int = 1100) -> dict[str, Any]:
+    """A step of `tokens` prompt tokens, between two captured sizes: replayed from the
+    engine's default graphs (padded to the next size up), from graphs 256 tokens apart
+    above 512, and eager — what padding costs a step with prefill."""
+    default = EngineConfig().cuda_graph_tokens
+    fine = tuple(sorted(set(default) | set(range(768, max(default) + 1, 256))))
+    rows = {label: prefill(config, ceil, [tokens], graph_tokens=sizes)[0]
+            for label, sizes in (("default", default), ("fine", fine), ("eager", ()))}  # fmt: skip
+    rows["graph_sizes"] = {"default": list(default), "fine": list(fine)}
     return rows
 
 
@@ -330,7 +345,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench_engine.json")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--parts", default="decode,prefill,offline", help="also: hostprofile")
+    parser.add_argument(
+        "--parts", default="decode,prefill,offline", help="also: hostprofile, padding"
+    )
     parser.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b", help="offline models")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -358,6 +375,8 @@ def main() -> None:
         small = PRESETS["llama-3.2-1b"]
         results["prefill_1b"] = prefill(small, ceil, [128, 512, 2048])
         results["prefill_1b_graph"] = prefill(small, ceil, [128, 512, 2048], graphs=True)
+    if "padding" in parts:
+        results["padding_8b"] = padding(big, ceil)
     if "offline" in parts:
         reqs = trace_requests(args.trace, args.requests, max_prompt=512, max_output=128)
         fixed = 64
@@ -399,6 +418,11 @@ def main() -> None:
         for r in results.get(key, []):
             print(f"prefill {key[8:]:>8} {r['tokens']:>5} tokens: {r['step_ms']:7.1f} ms, "
                   f"{r['tflops']:.0f} TFLOP/s = {r['of_matmul_rate']:.0%} of matmul")  # fmt: skip
+    if "padding_8b" in results:
+        pad = results["padding_8b"]
+        print("prefill 8B 1,100 tokens: " + ", ".join(
+            f"{k} {pad[k]['step_ms']:.1f} ms ({pad[k]['of_matmul_rate']:.0%})"
+            for k in ("default", "fine", "eager")))  # fmt: skip
     for name, row in results.get("offline", {}).items():
         line = (f"offline {name}: trace {row['trace_lengths']['tokens_per_s']:.0f} tok/s, "
                 f"fixed-64 {row['fixed_output']['tokens_per_s']:.0f} tok/s")  # fmt: skip

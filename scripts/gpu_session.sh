@@ -7,7 +7,8 @@
 #               gpu_tests_h200.json (outcomes, the chaos figures); the modules that
 #               import the server hold none and need fastapi and openai (not in the image)
 #   engine      benchmarks/bench_engine.py: decode/prefill against the floor, the host's
-#               share of a batch-128 decode step, offline (ENGINE_PARTS picks the parts,
+#               share of a batch-128 decode step, a 1,100-token step's graph padding
+#               (part `padding`, not in the default list), offline (ENGINE_PARTS picks the parts,
 #               ENGINE_MODELS the offline models: the 1B's part takes ~4 min, the 8B's ~7)
 #   worker      benchmarks/bench_worker.py: overlap of co-located models, shift at 3 rates
 #   wake        benchmarks/bench_worker.py: wake latency against the H2D floor, steady
