@@ -35,7 +35,7 @@ import torch
 from prism.engine import EngineConfig, SamplingParams
 from prism.models.presets import PRESETS
 from prism.serving.model_slot import ModelSpec
-from prism.serving.worker import DeviceWorker, WorkerConfig, WorkerMode
+from prism.serving.worker import DeviceWorker, WorkerConfig, WorkerMode, WorkerStats
 
 GiB = 1 << 30
 
@@ -112,18 +112,6 @@ class Record:
         return (self.finished - self.first_token) / (self.output_tokens - 1)
 
 
-def model_states(worker: DeviceWorker) -> dict[str, Any]:
-    """One sample of a run's timeline: each model's [state, weight bytes mapped, KV bytes
-    mapped, running, waiting (requests held for a wake too), engine busy seconds, output
-    tokens, preemptions] (the last three cumulative), and the worker's rounds with their
-    host and wait seconds (cumulative)."""
-    stats = worker.stats()
-    models = {m.name: [m.state, m.weights_mapped_bytes, m.kv_mapped_bytes, m.running,
-                       m.waiting, m.busy_s, m.output_tokens, m.preemptions]
-              for m in stats.models}  # fmt: skip
-    return {"models": models, "rounds": [stats.rounds, stats.round_host_s, stats.round_wait_s]}
-
-
 def replay(
     worker: DeviceWorker,
     arrivals: list[tuple[float, str, list[int], SamplingParams]],
@@ -133,16 +121,17 @@ def replay(
     """Submit each request at its arrival time (seconds from now) while stepping the
     worker; TTFT counts from the scheduled arrival, so queueing behind a slow step counts.
     At `cutoff_s` whatever has not finished is aborted (and stays unfinished in the
-    records). With `sample_s` the summary holds a timeline: `model_states` between steps,
-    at most one sample per `sample_s`. Returns a summary and one record per request."""
+    records). With `sample_s` the summary holds a timeline: `worker.stats()` between
+    steps, at most one sample per `sample_s`. Returns a summary and one record per
+    request."""
     start = time.perf_counter()
     records: dict[str, Record] = {}
-    timeline: list[tuple[float, dict[str, Any]]] = []
+    timeline: list[tuple[float, WorkerStats]] = []
     i = 0
     while i < len(arrivals) or worker.has_work():
         now = time.perf_counter() - start
         if sample_s is not None and (not timeline or now - timeline[-1][0] >= sample_s):
-            timeline.append((now, model_states(worker)))
+            timeline.append((now, worker.stats()))
         if cutoff_s is not None and now > cutoff_s:
             for rid, rec in records.items():
                 if rec.finished is None:

@@ -49,7 +49,7 @@ from prism.engine import EngineConfig, SamplingParams
 from prism.models.config import ModelConfig
 from prism.models.presets import PRESETS
 from prism.serving.model_slot import ModelSpec, ModelState
-from prism.serving.worker import DeviceWorker, WorkerConfig
+from prism.serving.worker import DeviceWorker, WorkerConfig, WorkerStats
 from prism.sim.cost_model import Calibration, CostModel, GPUSpec, ModelShape
 from prism.sim.gpu import GPUConfig
 from prism.sim.metrics import SimResult, attainment, p95_by_model
@@ -516,19 +516,23 @@ def live_side(
             "latencies": {"live": live.to_json()}, "timeline": {"live": timeline}}  # fmt: skip
 
 
-LIVE_COLUMNS = ("state", "weight_bytes", "kv_bytes", "running", "waiting", "busy_s",
-                "output_tokens", "preemptions")  # fmt: skip
+# Timeline columns per model: JSON name → `ModelStats` field
+LIVE_COLUMNS = {"state": "state", "weight_bytes": "weights_mapped_bytes",
+                "kv_bytes": "kv_mapped_bytes", "running": "running", "waiting": "waiting",
+                "busy_s": "busy_s", "output_tokens": "output_tokens",
+                "preemptions": "preemptions"}  # fmt: skip
 
 
-def live_timeline(samples: list[tuple[float, dict[str, Any]]], names: list[str]) -> dict[str, Any]:
+def live_timeline(samples: list[tuple[float, WorkerStats]], names: list[str]) -> dict[str, Any]:
     """`replay`'s samples as columns: t [T]; per model [T][model] (models in `names`
-    order) its state, weight and KV bytes, running and waiting requests, and cumulative
-    engine seconds, output tokens and preemptions; the worker's cumulative rounds, round
-    host and wait seconds [T][3]."""
+    order) its state, weight and KV bytes, running and waiting requests (held for a wake
+    included), and cumulative engine seconds, output tokens and preemptions; the worker's
+    cumulative rounds, round host and wait seconds [T][3]."""
     columns: dict[str, Any] = {"t": [round(t, 4) for t, _ in samples]}
-    for i, key in enumerate(LIVE_COLUMNS):
-        columns[key] = [[sample["models"][n][i] for n in names] for _, sample in samples]
-    columns["rounds"] = [sample["rounds"] for _, sample in samples]
+    per_model = [{m.name: m for m in stats.models} for _, stats in samples]
+    for key, attr in LIVE_COLUMNS.items():
+        columns[key] = [[getattr(models[n], attr) for n in names] for models in per_model]
+    columns["rounds"] = [[s.rounds, s.round_host_s, s.round_wait_s] for _, s in samples]
     return columns
 
 
