@@ -265,7 +265,9 @@ class DeviceWorker:
         """Swap mode: a resident model admits only requests older than the next model's
         oldest (its newer ones wait for their turn); with none running and none older,
         it leaves the memory phase to that model's wake."""
-        turn = self._swap_turn() if self.config.mode is WorkerMode.SWAP else None
+        if self.config.mode is not WorkerMode.SWAP:
+            return  # other modes never set a cutoff
+        turn = self._swap_turn()
         for slot in self.models.values():
             if slot.state is ModelState.ACTIVE and slot.engine is not None:
                 slot.engine.scheduler.admit_before = None if turn is None else turn[1]
