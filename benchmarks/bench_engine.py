@@ -206,16 +206,21 @@ def prefill(
     return rows
 
 
-def padding(config: ModelConfig, ceil: dict[str, float], tokens: int = 1100) -> dict[str, Any]:
-    """A step of `tokens` prompt tokens, between two captured sizes: replayed from the
-    engine's default graphs (padded to the next size up), from graphs 256 tokens apart
-    above 512, and eager — what padding costs a step with prefill."""
-    default = EngineConfig().cuda_graph_tokens
-    fine = tuple(sorted(set(default) | set(range(768, max(default) + 1, 256))))
-    rows = {label: prefill(config, ceil, [tokens], graph_tokens=sizes)[0]
-            for label, sizes in (("default", default), ("fine", fine), ("eager", ()))}  # fmt: skip
-    rows["graph_sizes"] = {"default": list(default), "fine": list(fine)}
-    return rows
+def padding(
+    config: ModelConfig, ceil: dict[str, float], lengths: tuple[int, ...] = (600, 1100, 1800)
+) -> dict[str, Any]:
+    """Steps of prompt tokens between two captured sizes, replayed from powers of two
+    (the default before 2026-11-29: padded to the next power up), from the engine's
+    default graphs (128 apart above 256), and eager — what padding costs a step with
+    prefill, and what capturing more graphs costs at startup."""
+    sizes = {"powers_of_two": (64, 128, 256, 512, 1024, 2048),
+             "default": EngineConfig().cuda_graph_tokens, "eager": ()}  # fmt: skip
+    out: dict[str, Any] = {"graph_sizes": {k: list(v) for k, v in sizes.items()}}
+    for label, graph_tokens in sizes.items():
+        t = time.perf_counter()
+        rows = prefill(config, ceil, list(lengths), graph_tokens=graph_tokens)
+        out[label] = {"rows": rows, "setup_and_run_s": time.perf_counter() - t}
+    return out
 
 
 def trace_requests(
@@ -377,6 +382,7 @@ def main() -> None:
         results["prefill_1b_graph"] = prefill(small, ceil, [128, 512, 2048], graphs=True)
     if "padding" in parts:
         results["padding_8b"] = padding(big, ceil)
+        results["padding_1b"] = padding(PRESETS["llama-3.2-1b"], ceil)
     if "offline" in parts:
         reqs = trace_requests(args.trace, args.requests, max_prompt=512, max_output=128)
         fixed = 64
@@ -418,11 +424,18 @@ def main() -> None:
         for r in results.get(key, []):
             print(f"prefill {key[8:]:>8} {r['tokens']:>5} tokens: {r['step_ms']:7.1f} ms, "
                   f"{r['tflops']:.0f} TFLOP/s = {r['of_matmul_rate']:.0%} of matmul")  # fmt: skip
-    if "padding_8b" in results:
-        pad = results["padding_8b"]
-        print("prefill 8B 1,100 tokens: " + ", ".join(
-            f"{k} {pad[k]['step_ms']:.1f} ms ({pad[k]['of_matmul_rate']:.0%})"
-            for k in ("default", "fine", "eager")))  # fmt: skip
+    labels = ("powers_of_two", "default", "eager")
+    for key in ("padding_8b", "padding_1b"):
+        if key not in results:
+            continue
+        pad = results[key]
+        for i, n in enumerate(pad["eager"]["rows"]):
+            cells = [pad[k]["rows"][i] for k in labels]
+            print(f"prefill {key[8:]} {n['tokens']:>5} tokens: " + ", ".join(
+                f"{k} {c['step_ms']:.1f} ms ({c['of_matmul_rate']:.0%})"
+                for k, c in zip(labels, cells, strict=True)))  # fmt: skip
+        print("  engine setup + steps: "
+              + ", ".join(f"{k} {pad[k]['setup_and_run_s']:.1f} s" for k in labels))  # fmt: skip
     for name, row in results.get("offline", {}).items():
         line = (f"offline {name}: trace {row['trace_lengths']['tokens_per_s']:.0f} tok/s, "
                 f"fixed-64 {row['fixed_output']['tokens_per_s']:.0f} tok/s")  # fmt: skip

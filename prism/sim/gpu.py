@@ -43,7 +43,7 @@ class GPUConfig:
     max_batched_tokens: int = 2048  # per engine step, as EngineConfig
     # Token counts of the graphs a step with prefill replays (the next size up, padding
     # included), as EngineConfig.cuda_graph_tokens; () for eager steps
-    graph_tokens: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+    graph_tokens: tuple[int, ...] = (64, 128, 256, *range(384, 2049, 128))
     max_rounds: int = 256  # longest decode segment; step times are refreshed after it
     mode: str = ELASTIC
 

@@ -131,3 +131,16 @@ def test_fit_finds_the_eager_host_floor() -> None:
     again = CostModel(cost.gpu, fitted)
     for shape, tokens, seconds in prefill:
         assert again.prefill_s(shape, tokens) == pytest.approx(seconds, rel=1e-6)
+
+
+def test_gpu_steps_as_the_engine_does() -> None:
+    """The simulated GPU pads a step with prefill to the graphs the engine captures by
+    default, and batches as many tokens and sequences a step (the sim keeps its own copy
+    of these defaults rather than import the engine)."""
+    from prism.engine.engine import EngineConfig
+    from prism.sim.gpu import GPUConfig
+
+    engine, gpu = EngineConfig(), GPUConfig(memory_bytes=80 * GiB)
+    assert gpu.graph_tokens == engine.cuda_graph_tokens
+    assert gpu.max_batched_tokens == engine.max_num_batched_tokens
+    assert gpu.max_num_seqs == engine.max_num_seqs
