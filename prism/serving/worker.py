@@ -453,7 +453,7 @@ class DeviceWorker:
         if names:  # rotate the order so no model always goes first (to take memory)
             self._turn = (self._turn + 1) % len(names)
             names = names[self._turn :] + names[: self._turn]
-            names = self._slo_order(names)
+            names = self._below_share_first(self._slo_order(names))
         batches: dict[str, ScheduledBatch] = {}
         for name in names:
             slot = self.models[name]
@@ -508,6 +508,17 @@ class DeviceWorker:
             return False
         oldest = self._oldest_queued(slot.spec.name)
         return oldest is None or oldest >= cutoff
+
+    def _below_share_first(self, names: list[str]) -> list[str]:
+        """The models below their fair share of the KV schedule before those at or above
+        it, each group in the order given. A model scheduled earlier in the round keeps
+        its blocks until its step ran, so a model below its share ordered after one above
+        it could never take back its share (`_relieve`) while the other stayed first — it
+        would wait on the other's backlog, or chunk a long prompt and lose it again."""
+        if self.config.mode is not WorkerMode.PRISM or len(names) < 2:
+            return names
+        share = self._fair_kv_share()
+        return sorted(names, key=lambda n: self._kv_pages(n) >= share)
 
     def _slo_order(self, names: list[str]) -> list[str]:
         """The round's order when every model in it has an SLO: models with only running

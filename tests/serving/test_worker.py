@@ -231,6 +231,44 @@ def test_equal_priority_model_gets_its_fair_share_back_without_waiting() -> None
     worker.close()
 
 
+def test_a_model_below_its_share_takes_it_back_from_one_ranked_first_every_round() -> None:
+    """B decodes one request while A (same priority) fills the pool with a backlog whose
+    deadlines (all already missed) rank A's queue first in every round. A model keeps its
+    blocks for the round once scheduled, so B's next prompt, which needs memory A holds
+    beyond its fair share, must be scheduled before A to take it back: its first token
+    comes in the next round, not after A's requests finish."""
+    from prism.serving.policies.slo import SLO
+
+    worker = DeviceWorker(WorkerConfig(budget_bytes=6 << 20))
+    for name in "abc":
+        spec = ModelSpec(name, TINY, load_format="dummy", engine=ENGINE, slo=SLO(0.001, 1.0))
+        worker.add_model(spec)
+    worker.submit("b", _prompt(98, 20), SamplingParams(max_tokens=400, ignore_eos=True))
+    for _ in range(3):
+        worker.step()
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    for i in range(16):
+        worker.submit("a", _prompt(i, 900), params)
+    for _ in range(10):
+        worker.step()
+    pages = _kv_pages(worker)
+    share = worker._fair_kv_share()
+    assert pages["b"] < share < pages["a"], "the setting: A above its share, B below"
+    b_id = worker.submit("b", _prompt(99, 1000), params)
+    a_finished = 0
+    for _ in range(2):
+        outputs = worker.step()
+        a_finished += sum(o.finished for name, o in outputs if name == "a")
+        if any(o.request_id == b_id for _, o in outputs):
+            break
+    else:
+        pytest.fail(f"b's prompt waited on a's backlog (pages {_kv_pages(worker)})")
+    assert a_finished == 0 and _kv_pages(worker)["b"] >= share - 4
+    worker.run_until_idle(max_steps=20_000)
+    worker.check_integrity()
+    worker.close()
+
+
 def test_release_memory_preempts_the_owners_of_one_group_only() -> None:
     """Taking pages from a busy model preempts the requests of the group that the fewest
     share — not every running request, as preempting latest-first until a group empties
