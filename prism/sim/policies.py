@@ -306,6 +306,7 @@ def _prism() -> Policy:
         min_improvement=PAPER_TAU,
         max_migrations=sys.maxsize,
         min_residence_s=0.0,
+        incremental=False,  # the paper's greedy, re-run from scratch
     )
     return PrismPolicy("prism", lambda gpus: ComputeAwarePlacement(kv_pressure_only), PrismConfig())
 

@@ -33,7 +33,17 @@ with hysteresis (a model stays on its current device unless moving lowers the sc
 more than `min_improvement`), at most `max_migrations` moves per `migration_window_s`, and
 no model moved again within `min_residence_s` of its last move (so load that oscillates
 faster than a move pays back is not chased). A move is forced, and always made, when the
-current device is gone or no longer feasible.
+current device is gone or no longer feasible. Given the placement in force it re-places
+incrementally: every model stays where it is (in the greedy's order, so that where a
+device no longer holds them all, the smallest demands are the ones forced out), the
+forced and the new ones are placed greedily around them, then each model in turn, those
+on the worst-scoring devices first (on one device, the smallest demand first: the cheapest
+to move), moves if the best other device scores it lower by
+more than `min_improvement` — each move judged against every other model where it is,
+so that no move is undone by the next re-placement unless the load itself changed.
+(`incremental=False`: the greedy is re-run from scratch and a model's stay is judged
+against the partial placement built so far — the paper's rule with τ, which can split a
+pair and rejoin it at the next call.)
 Greedy bin packing can leave a model unplaced where a feasible placement exists; such
 models are reported in `Placement.unplaced`, never placed infeasibly.
 """
@@ -106,6 +116,7 @@ class ComputeAwareConfig(PlacementConfig):
     max_migrations: int = 2  # moves allowed per window (forced moves always happen)
     migration_window_s: float = 60.0
     min_residence_s: float = 120.0  # a model that moved stays this long (unless forced)
+    incremental: bool = True  # re-place from the current placement (module doc)
 
 
 def pressure(demand_bytes: float, kv_bytes: float) -> float:
@@ -136,12 +147,18 @@ class _Load:
         kv_bytes = self.device.memory_bytes - self.resident_weights - m.resident_weight_bytes
         return pressure(self.demand + m.kv_demand_bytes, kv_bytes)
 
-    def add(self, m: ModelDemand) -> None:
-        self.models.add(m.name)
-        self.demand += m.kv_demand_bytes
-        self.resident_weights += m.resident_weight_bytes
-        self.placed_weights += m.weight_bytes
-        self.compute += m.compute_share
+    def add(self, m: ModelDemand, sign: int = 1) -> None:
+        if sign > 0:
+            self.models.add(m.name)
+        else:
+            self.models.remove(m.name)
+        self.demand += sign * m.kv_demand_bytes
+        self.resident_weights += sign * m.resident_weight_bytes
+        self.placed_weights += sign * m.weight_bytes
+        self.compute += sign * m.compute_share
+
+    def remove(self, m: ModelDemand) -> None:
+        self.add(m, -1)
 
     @property
     def pressure(self) -> float:
@@ -183,7 +200,7 @@ class KVPressurePlacement(PlacementPolicy):
         current = current or {}
         loads = [_Load(d, i) for i, d in enumerate(devices)]
         placement = Placement({}, [])
-        for m in sorted(models, key=lambda m: (-m.kv_demand_bytes, -m.weight_bytes, m.name)):
+        for m in _greedy_order(models):
             options = [load for load in loads if self._allowed(load, m)]
             if not options:
                 placement.unplaced.append(m.name)
@@ -191,11 +208,7 @@ class KVPressurePlacement(PlacementPolicy):
             target = self._choose(m, options, current.get(m.name), now)
             target.add(m)
             placement.assignment[m.name] = target.device.device_id
-            source = current.get(m.name)
-            if source is not None and source != target.device.device_id:
-                placement.migrations.append(Migration(m.name, source, target.device.device_id))
-        placement.pressure = {load.device.device_id: load.pressure for load in loads}
-        return placement
+        return _finish(placement, loads, current)
 
     def _score(self, load: _Load, m: ModelDemand) -> float:
         """What the greedy minimises: the device's pressure with `m` on it."""
@@ -224,7 +237,7 @@ class ComputeAwarePlacement(KVPressurePlacement):
     """Prism+: KV pressure plus a compute-overload term, with hysteresis and a move cap.
 
     Stateful: it remembers when it decided each move, to cap moves per rolling window.
-    Hysteresis compares scores on the partial placement the greedy has built so far.
+    Re-places incrementally from the placement in force (module doc).
     """
 
     config: ComputeAwareConfig
@@ -234,9 +247,67 @@ class ComputeAwarePlacement(KVPressurePlacement):
         self._moves: deque[float] = deque()  # times of the moves decided, oldest first
         self._last_move: dict[str, float] = {}  # model → time of its last move
 
+    def place(
+        self,
+        models: Sequence[ModelDemand],
+        devices: Sequence[DeviceInfo],
+        current: dict[str, str] | None = None,
+        now: float = 0.0,
+    ) -> Placement:
+        if not (self.config.incremental and current):
+            return super().place(models, devices, current, now)
+        _check_unique([m.name for m in models], "model")
+        _check_unique([d.device_id for d in devices], "device")
+        loads = [_Load(d, i) for i, d in enumerate(devices)]
+        by_id = {load.device.device_id: load for load in loads}
+        placement = Placement({}, [])
+        at: dict[str, _Load] = {}
+        homeless = []  # new models, and those whose device is gone or no longer holds them
+        for m in _greedy_order(models):
+            home = by_id.get(current.get(m.name, ""))
+            if home is not None and self._allowed(home, m):
+                home.add(m)
+                at[m.name] = home
+            else:
+                homeless.append(m)
+        for m in homeless:
+            options = [load for load in loads if self._allowed(load, m)]
+            if not options:
+                placement.unplaced.append(m.name)
+                continue
+            target = self._best(m, options)
+            target.add(m)
+            at[m.name] = target
+            if m.name in current:  # forced: its device is gone or cannot keep it
+                self._record_move(m.name, now)
+        by_name = {m.name: m for m in models}
+
+        def turn(name: str) -> tuple[float, float, int, str]:  # the worst devices first, and
+            m = by_name[name]  # on one, the smallest model (the cheapest to move) first
+            return -self._device_score(at[name]), m.kv_demand_bytes, m.weight_bytes, name
+
+        for name in sorted(at, key=turn):
+            m, here = by_name[name], at[name]
+            here.remove(m)
+            options = [load for load in loads if self._allowed(load, m)]
+            best = self._best(m, options)  # `here` is among them: it held m a moment ago
+            if best is not here and self._worth_moving(m, here, best, now):
+                self._record_move(name, now)
+                here = at[name] = best
+            here.add(m)
+        placement.assignment = {name: load.device.device_id for name, load in at.items()}
+        return _finish(placement, loads, current)
+
+    def _device_score(self, load: _Load) -> float:
+        return load.pressure + self.config.overload_penalty * max(0.0, load.compute - 1.0)
+
     def _score(self, load: _Load, m: ModelDemand) -> float:
         overload = max(0.0, load.compute + m.compute_share - 1.0)
         return load.pressure_with(m) + self.config.overload_penalty * overload
+
+    def _record_move(self, name: str, now: float) -> None:
+        self._moves.append(now)
+        self._last_move[name] = now
 
     def migrations_in_window(self, now: float) -> int:
         horizon = now - self.config.migration_window_s
@@ -253,8 +324,7 @@ class ComputeAwarePlacement(KVPressurePlacement):
         stay = next((load for load in options if load.device.device_id == current), None)
         if stay is not None and not self._worth_moving(m, stay, best, now):
             return stay
-        self._moves.append(now)  # a chosen move, or a forced one (current device infeasible)
-        self._last_move[m.name] = now
+        self._record_move(m.name, now)  # a chosen move, or a forced one (current infeasible)
         return best
 
     def _worth_moving(self, m: ModelDemand, stay: _Load, best: _Load, now: float) -> bool:
@@ -265,6 +335,22 @@ class ComputeAwarePlacement(KVPressurePlacement):
         if now - moved < self.config.min_residence_s:
             return False
         return self.migrations_in_window(now) < self.config.max_migrations
+
+
+def _greedy_order(models: Sequence[ModelDemand]) -> list[ModelDemand]:
+    """Largest KV demand first (then heaviest weights, then name)."""
+    return sorted(models, key=lambda m: (-m.kv_demand_bytes, -m.weight_bytes, m.name))
+
+
+def _finish(placement: Placement, loads: list[_Load], current: Mapping[str, str]) -> Placement:
+    """The moves against `current` (in model order) and each device's resulting pressure."""
+    placement.migrations = [
+        Migration(name, current[name], device)
+        for name, device in sorted(placement.assignment.items())
+        if name in current and current[name] != device
+    ]
+    placement.pressure = {load.device.device_id: load.pressure for load in loads}
+    return placement
 
 
 def _partners(groups: frozenset[frozenset[str]]) -> dict[str, set[str]]:
