@@ -284,8 +284,9 @@ def sweep(
         row = {
             "mode": name, "free_running": free, "rate": rate, **summary,
             "attainment": {str(s): attainment(records, slos, s) for s in args.slo_scales},
-            "wakes": sum(m.wakes for m in stats.models),
-            "sleeps": sum(m.sleeps for m in stats.models),
+            # this run's, not the warm-up's or an earlier rate's
+            "wakes": sum(m.wakes for m in stats.models) - sum(m.wakes for m in before.models),
+            "sleeps": sum(m.sleeps for m in stats.models) - sum(m.sleeps for m in before.models),
             "preemptions": sum(m.preemptions for m in stats.models)
             - sum(m.preemptions for m in before.models),
             "wall_s": time.perf_counter() - started,
@@ -293,6 +294,12 @@ def sweep(
             "rounds": (rounds := stats.rounds - before.rounds),
             "round_host_ms": 1e3 * (stats.round_host_s - before.round_host_s) / max(1, rounds),
             "round_wait_ms": 1e3 * (stats.round_wait_s - before.round_wait_s) / max(1, rounds),
+            # per request, in arrival order: model, arrival, TTFT and TPOT (None: none)
+            "requests_detail": {
+                "model": [r.model for r in records],
+                "arrival": [round(r.arrival, 4) for r in records],
+                "ttft": [r.ttft for r in records], "tpot": [r.tpot for r in records],
+            },
         }  # fmt: skip
         rows.append(row)
         save()
