@@ -74,10 +74,15 @@ class EngineConfig:
     # logprobs), so the host's work for a step runs while the device computes the one
     # before; a request that stops meanwhile has one token computed for nothing.
     decode_ahead: bool = True
+    # KV for a request's whole prompt at admission (`SchedulerConfig.reserve_prompt`)
+    reserve_prompt: bool = True
 
     @property
     def scheduler(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
+        return SchedulerConfig(
+            self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
+            self.reserve_prompt,
+        )  # fmt: skip
 
 
 class Engine:

@@ -63,14 +63,17 @@ class KVBlockManager:
 
     # ---- admission and growth ----------------------------------------------------------
 
-    def admit(self, req: Request, budget: int) -> int:
+    def admit(self, req: Request, budget: int, reserve: bool = False) -> int:
         """First allocation of a waiting request: attach its cached prefix, then blocks
-        for up to `budget` of the remaining tokens. Returns the tokens to compute, or 0
-        (and `req` untouched) when the cache cannot hold them."""
+        for up to `budget` of the remaining tokens (`reserve`: for all of them and the
+        first output token, all or nothing, though only `budget` are computed now).
+        Returns the tokens to compute, or 0 (and `req` untouched) when the cache cannot
+        hold them."""
         if self.prefix_caching:
             self._take_prefix(req)
-        count = min(req.num_tokens - req.num_computed_tokens, budget)
-        if self.allocate(req, count):
+        remaining = req.num_tokens - req.num_computed_tokens
+        count = min(remaining, budget)
+        if self.allocate(req, remaining + 1 if reserve else count):
             return count
         self._drop_prefix(req)
         return 0

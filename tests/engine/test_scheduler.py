@@ -26,11 +26,13 @@ BS = 4
 
 
 def make(
-    num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64, prefix_caching: bool = False
-) -> tuple[Scheduler, KVBlockManager, FakeBlockSource]:
+    num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64, prefix_caching: bool = False,
+    reserve: bool = True,
+) -> tuple[Scheduler, KVBlockManager, FakeBlockSource]:  # fmt: skip
     source = FakeBlockSource(num_blocks)
     kv = KVBlockManager(source, BS, prefix_caching=prefix_caching)
-    return Scheduler(SchedulerConfig(max_num_seqs, budget, 256), kv), kv, source
+    config = SchedulerConfig(max_num_seqs, budget, 256, reserve_prompt=reserve)
+    return Scheduler(config, kv), kv, source
 
 
 def request(prompt_len: int, start: int = 0, max_tokens: int = 8) -> Request:
@@ -117,7 +119,8 @@ def test_preemption_takes_the_latest_arrival() -> None:
     """When a running request needs a block and the pool is dry, the most recently
     arrived running request is preempted: its blocks freed, its progress reset, its
     output kept, and it waits at the head of the queue, not re-admitted this step."""
-    sched, kv, source = make(num_blocks=7)  # 6 usable blocks: three 8-token prompts
+    sched, kv, source = make(num_blocks=7, reserve=False)  # 6 usable blocks: three 8-token prompts
+    # (blocks taken a chunk at a time, so the prompts fill the cache exactly)
     reqs = [request(8, 20 * i) for i in range(3)]
     for r in reqs:
         sched.add(r)
@@ -138,7 +141,9 @@ def test_preemption_takes_the_latest_arrival() -> None:
 
 def test_request_preempts_itself_when_it_is_the_latest() -> None:
     """If the request that needs a block is itself the latest, it gives way."""
-    sched, kv, source = make(num_blocks=5)  # 4 usable blocks
+    sched, kv, source = make(
+        num_blocks=5, reserve=False
+    )  # 4 usable blocks, taken a chunk at a time
     a, b = request(8), request(7, 100)
     sched.add(a)
     sched.add(b)
@@ -155,7 +160,7 @@ def test_request_preempts_itself_when_it_is_the_latest() -> None:
 
 def test_preempted_request_resumes_before_newer_ones() -> None:
     """A preempted request is recomputed (prompt and output) before later arrivals."""
-    sched, kv, _ = make(num_blocks=7, budget=64)
+    sched, kv, _ = make(num_blocks=7, budget=64, reserve=False)  # blocks a chunk at a time
     reqs = [request(8, 20 * i) for i in range(3)]
     for r in reqs:
         sched.add(r)
@@ -207,12 +212,13 @@ class SchedulerMachine(RuleBasedStateMachine):
     """
 
     @initialize(
-        prefix_caching=st.booleans(), budget=st.sampled_from([3, 8, 64]), seqs=st.integers(1, 4)
-    )
-    def setup(self, prefix_caching: bool, budget: int, seqs: int) -> None:
+        prefix_caching=st.booleans(), budget=st.sampled_from([3, 8, 64]), seqs=st.integers(1, 4),
+        reserve=st.booleans(),
+    )  # fmt: skip
+    def setup(self, prefix_caching: bool, budget: int, seqs: int, reserve: bool) -> None:
         self.source = FakeBlockSource(10)
         self.kv = KVBlockManager(self.source, BS, prefix_caching=prefix_caching)
-        self.config = SchedulerConfig(seqs, budget, 64)
+        self.config = SchedulerConfig(seqs, budget, 64, reserve_prompt=reserve)
         self.sched = Scheduler(self.config, self.kv)
         self.live: list[Request] = []
 
@@ -271,12 +277,18 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def requests_hold_what_they_computed(self) -> None:
         """Waiting requests hold nothing; running ones hold blocks for exactly their
-        computed tokens."""
+        computed tokens — or, with `reserve_prompt`, at least those and at most what
+        their tokens and the next one need (the prompt was reserved at admission)."""
         for req in self.sched.waiting:
             assert req.status is RequestStatus.WAITING and not req.block_ids
         for req in self.sched.running:
             assert req.status is RequestStatus.RUNNING
-            assert len(req.block_ids) == self.kv.blocks_needed(req.num_computed_tokens)
+            computed = self.kv.blocks_needed(req.num_computed_tokens)
+            if self.config.reserve_prompt:
+                assert computed <= len(req.block_ids)
+                assert len(req.block_ids) <= self.kv.blocks_needed(req.num_tokens + 1)
+            else:
+                assert len(req.block_ids) == computed
             assert len(req.block_hashes) <= len(req.block_ids)
         assert len(self.sched.waiting) + len(self.sched.running) == len(self.live)
 
@@ -297,3 +309,55 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=50, deadline=None
 )
 test_scheduler_state_machine = SchedulerMachine.TestCase
+
+
+def _long_prompt_into_short_cache(reserve: bool) -> tuple[Scheduler, Request]:
+    """A request (16 prompt + 8 output tokens: 6 blocks at the end) holds part of a
+    10-block cache; a 24-token prompt (6 blocks + 1 for its first token) arrives, with a
+    budget of 8 tokens a step."""
+    source = FakeBlockSource(10)
+    kv = KVBlockManager(source, BS, prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(8, 8, 256, reserve_prompt=reserve), kv)
+    first = request(16, 0, max_tokens=8)
+    sched.add(first)
+    for _ in range(2):
+        advance(kv, sched.schedule())  # 16 prompt tokens in two chunks: 4 blocks
+    long = request(24, 100)
+    sched.add(long)
+    return sched, long
+
+
+def _finish_done(sched: Scheduler) -> None:
+    for req in list(sched.running):
+        if len(req.token_ids) - len(req.prompt_token_ids) >= req.params.max_tokens:
+            sched.finish(req)
+
+
+def test_chunk_by_chunk_admission_preempts_the_prompt_it_admitted() -> None:
+    """Without reservation the long prompt is admitted on its first chunk's blocks and
+    loses them (preempted) when the decode's growth and its next chunk do not fit."""
+    sched, long = _long_prompt_into_short_cache(reserve=False)
+    for _ in range(12):
+        advance(sched.kv, sched.schedule())
+        _finish_done(sched)
+    assert long.num_preemptions > 0
+
+
+def test_reserve_prompt_waits_instead_of_preempting() -> None:
+    """With `reserve_prompt` the long prompt is admitted only once its whole prompt fits:
+    nothing is preempted, and it is computed a chunk a step from then on."""
+    sched, long = _long_prompt_into_short_cache(reserve=True)
+    admitted_at = None
+    for step in range(80):
+        batch = sched.schedule()
+        assert not batch.preempted
+        if long in batch.requests and admitted_at is None:
+            admitted_at = step
+            assert len(long.block_ids) == 7  # 24 prompt tokens + the first output token
+            assert batch.num_tokens[batch.requests.index(long)] <= 8
+        advance(sched.kv, batch)
+        _finish_done(sched)
+        if long.num_computed_tokens >= 24:
+            break
+    assert admitted_at is not None and long.num_preemptions == 0
+    sched.kv.check_integrity()

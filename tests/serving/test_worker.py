@@ -272,8 +272,14 @@ def test_a_model_below_its_share_takes_it_back_from_one_ranked_first_every_round
 def test_release_memory_preempts_the_owners_of_one_group_only() -> None:
     """Taking pages from a busy model preempts the requests of the group that the fewest
     share — not every running request, as preempting latest-first until a group empties
-    would on an interleaved cache."""
-    worker = _worker(24)
+    would on an interleaved cache (prompts' blocks taken a chunk at a time interleave
+    them; reserved whole, the latest request's prompt fills a group of its own)."""
+    from dataclasses import replace
+
+    worker = DeviceWorker(WorkerConfig(budget_bytes=24 << 20))
+    chunked = replace(ENGINE, reserve_prompt=False)
+    for name in "abc":
+        worker.add_model(ModelSpec(name, TINY, load_format="dummy", engine=chunked))
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     ids = [worker.submit("a", _prompt(i, 20 + 40 * i), params) for i in range(12)]
     for _ in range(60):
