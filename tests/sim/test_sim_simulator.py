@@ -214,14 +214,17 @@ def test_slo_deadlines_come_from_the_models(h200: GPUConfig, cost: CostModel) ->
 def test_prism_plus_splits_the_compute_heavy_pair(h200: GPUConfig, cost: CostModel) -> None:
     """Four always-busy models on 2 GPUs: KV pressure alone leaves the two prefill-heavy
     3B models (1 and 2) together, 120% of a GPU's compute, and their queue grows; the
-    compute term of prism+ moves one of them once the rates are seen."""
-    w, ms = always_busy_four(150.0)
-    homes = {}
+    compute term of prism+ moves one of them once the rates are seen, and keeps them
+    apart: re-placing from scratch, it put them back together each time the moved one's
+    120 s residence ended (at 180 s, 390 s, ...)."""
+    w, ms = always_busy_four(400.0)
+    homes, moves = {}, {}
     for policy in ("prism", "prism+"):
         _, sim = run(w, ms, policy, 2, h200, cost)
-        homes[policy] = sim.homes
+        homes[policy], moves[policy] = sim.homes, sim.migrations
     assert homes["prism"][1] == homes["prism"][2]
     assert homes["prism+"][1] != homes["prism+"][2]
+    assert moves["prism+"] <= 3
 
 
 def test_an_equal_below_its_share_takes_the_excess(cost: CostModel) -> None:
