@@ -537,11 +537,18 @@ def live_timeline(samples: list[tuple[float, WorkerStats]], names: list[str]) ->
 
 
 def sim_timeline(result: SimResult) -> dict[str, Any]:
-    """The simulator's memory trace in `live_timeline`'s columns (what it records)."""
-    assert result.memory is not None
-    times, weights, kv = result.memory.arrays()
-    return {"t": [round(float(t), 4) for t in times], "weight_bytes": weights.tolist(),
-            "kv_bytes": kv.tolist()}  # fmt: skip
+    """The simulator's trace in `live_timeline`'s columns: memory, each model's state,
+    running and waiting requests, cumulative engine seconds, steps, output and prefill
+    tokens and preemptions [T][model], and the GPU's cumulative rounds [T]."""
+    trace = result.memory
+    assert trace is not None
+    times, weights, kv = trace.arrays()
+    out: dict[str, Any] = {"t": [round(float(t), 4) for t in times],
+                           "weight_bytes": weights.tolist(), "kv_bytes": kv.tolist()}  # fmt: skip
+    for k, name in enumerate(trace.COLUMNS):
+        out[name] = [[model[k] for model in sample] for sample in trace.columns]
+    out["rounds"] = trace.rounds
+    return out
 
 
 def sim_side(

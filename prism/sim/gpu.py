@@ -86,6 +86,7 @@ class SimGPU:
         self.now = 0.0  # the simulator's clock, as of the last call into this GPU
         self.wakes_by_model: Counter[int] = Counter()
         self.sleeps_by_model: Counter[int] = Counter()
+        self.rounds = 0  # rounds of steps finished (a decode segment's each)
 
     # ---- instances -------------------------------------------------------------------
 
@@ -224,8 +225,11 @@ class SimGPU:
             self.wakes_by_model[task.waking.model.index] += 1
             return []
         done: list[SimRequest] = []
+        self.rounds += task.rounds
         if task.kind == "segment":
             for plan in task.plans:
+                plan.instance.steps += task.rounds
+                plan.instance.busy_s += task.rounds * plan.seconds
                 done += plan.instance.decode(task.rounds, now)
         else:
             for plan in task.plans:

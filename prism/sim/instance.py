@@ -67,6 +67,12 @@ class Instance:
         self.draining = False  # being moved away: finish what runs, take nothing new
         self.wakes = 0
         self.sleeps = 0
+        # cumulative, as the live worker's ModelStats (the validation timelines compare them)
+        self.busy_s = 0.0  # seconds of this model's steps (its share of each round)
+        self.steps = 0  # engine steps (a decode segment's rounds count one each)
+        self.output_tokens = 0
+        self.prefill_tokens = 0  # prompt tokens computed, recomputation included
+        self.preemptions = 0
 
     # ---- state -----------------------------------------------------------------------
 
@@ -150,6 +156,7 @@ class Instance:
         victim = max(pool, key=lambda r: (r.arrival, r.id))
         pool.remove(victim)
         self._free(victim)
+        self.preemptions += 1
         victim.preempt()
         self.waiting.appendleft(victim)
         return victim
@@ -199,7 +206,10 @@ class Instance:
     def finish_step(self, plan: StepPlan, now: float) -> list[SimRequest]:
         """Apply one step that ended at `now`; returns the requests it finished."""
         done = self.decode(1, now)
+        self.steps += 1
+        self.busy_s += plan.seconds
         for request, n in plan.chunks:
+            self.prefill_tokens += n
             request.to_prefill -= n
             request.kv_tokens += n
             if request.to_prefill == 0:
@@ -207,6 +217,7 @@ class Instance:
                 if request.first_token < 0:
                     request.first_token = now
                 request.generated += 1
+                self.output_tokens += 1
                 if request.remaining <= 0:
                     self._finish(request, now)
                     done.append(request)
@@ -265,6 +276,7 @@ class Instance:
         if not rounds:
             return []
         finished = False
+        self.output_tokens += rounds * len(self.decoding)
         for request in self.decoding:
             request.generated += rounds
             request.kv_tokens += rounds

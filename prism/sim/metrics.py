@@ -21,25 +21,38 @@ if TYPE_CHECKING:
 
 
 class MemoryTrace:
-    """Weights and KV bytes each model holds (over all its GPUs), sampled in time."""
+    """Weights and KV bytes each model holds (over all its GPUs), sampled in time, with
+    each model's counters in the live worker's `ModelStats` terms (`COLUMNS`) and the
+    GPUs' rounds, for comparison with a live timeline."""
+
+    COLUMNS = ("state", "running", "waiting", "busy_s", "steps", "output_tokens",
+               "prefill_tokens", "preemptions")  # fmt: skip
 
     def __init__(self, num_models: int) -> None:
         self.num_models = num_models
         self.times: list[float] = []
         self.weights: list[np.ndarray] = []  # per sample: [num_models] bytes
         self.kv: list[np.ndarray] = []
+        self.columns: list[list[tuple[object, ...]]] = []  # per sample, per model: COLUMNS
+        self.rounds: list[int] = []  # per sample: rounds over all GPUs
 
     def sample(self, now: float, gpus: list[SimGPU]) -> None:
         weights = np.zeros(self.num_models)
         kv = np.zeros(self.num_models)
+        columns: list[tuple[object, ...]] = [("", 0, 0, 0.0, 0, 0, 0, 0)] * self.num_models
         for gpu in gpus:
             page = gpu.config.page_size
             for model, instance in gpu.instances.items():
                 weights[model] += instance.weights.account.num_owned * page
                 kv[model] += instance.kv.mapped_pages * page
+                i = instance  # one GPU's instance per model in the runs that record this
+                columns[model] = (i.state.value, i.running, len(i.waiting), i.busy_s, i.steps,
+                                  i.output_tokens, i.prefill_tokens, i.preemptions)  # fmt: skip
         self.times.append(now)
         self.weights.append(weights)
         self.kv.append(kv)
+        self.columns.append(columns)
+        self.rounds.append(sum(gpu.rounds for gpu in gpus))
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """times [T], weights [T, M], kv [T, M] (bytes)."""

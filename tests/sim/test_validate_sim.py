@@ -69,11 +69,23 @@ def test_both_sides_record_memory_over_time(smoke: tuple[dict[str, Any], Path]) 
         assert max(max(r) for r in live["running"]) > 0
         rounds = [r[0] for r in live["rounds"]]  # cumulative: the worker's rounds so far
         assert rounds == sorted(rounds) and rounds[-1] > 0 and len(live["rounds"][0]) == 3
-        for key in ("busy_s", "output_tokens", "preemptions"):
-            for model in range(models):
-                column = [row[model] for row in live[key]]
-                assert column == sorted(column)  # cumulative
-        assert sum(live["output_tokens"][-1]) > sum(live["output_tokens"][0])
+        for side in (live, sim):
+            for key in ("busy_s", "output_tokens", "preemptions"):
+                for model in range(models):
+                    column = [row[model] for row in side[key]]
+                    assert column == sorted(column)  # cumulative
+            assert sum(side["output_tokens"][-1]) > sum(side["output_tokens"][0])
+        assert sim["rounds"] == sorted(sim["rounds"]) and sim["rounds"][-1] > 0
+        assert max(max(r) for r in sim["running"]) > 0
+        assert {s for row in sim["state"] for s in row} <= {
+            "cached",
+            "waking",
+            "active",
+            "asleep",
+            "",
+        }
+        # every output token of the run, counted by the simulator's models at the end
+        assert sum(sim["output_tokens"][-1]) <= sum(run["latencies"]["sim"]["output"])
 
 
 @pytest.mark.slow
