@@ -520,14 +520,15 @@ def live_side(
 LIVE_COLUMNS = {"state": "state", "weight_bytes": "weights_mapped_bytes",
                 "kv_bytes": "kv_mapped_bytes", "running": "running", "waiting": "waiting",
                 "busy_s": "busy_s", "output_tokens": "output_tokens",
-                "preemptions": "preemptions"}  # fmt: skip
+                "preemptions": "preemptions", "steps": "steps",
+                "prefill_tokens": "prefill_tokens"}  # fmt: skip
 
 
 def live_timeline(samples: list[tuple[float, WorkerStats]], names: list[str]) -> dict[str, Any]:
     """`replay`'s samples as columns: t [T]; per model [T][model] (models in `names`
     order) its state, weight and KV bytes, running and waiting requests (held for a wake
-    included), and cumulative engine seconds, output tokens and preemptions; the worker's
-    cumulative rounds, round host and wait seconds [T][3]."""
+    included), and cumulative engine seconds, output tokens, preemptions, steps and prefill
+    tokens; the worker's cumulative rounds, round host and wait seconds [T][3]."""
     columns: dict[str, Any] = {"t": [round(t, 4) for t, _ in samples]}
     per_model = [{m.name: m for m in stats.models} for _, stats in samples]
     for key, attr in LIVE_COLUMNS.items():

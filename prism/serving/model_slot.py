@@ -75,6 +75,8 @@ class ModelSlot:
         self.last_wake_s = 0.0
         self.busy_s = 0.0  # wall time of its engine steps (the worker adds to it)
         self.output_tokens = 0  # tokens those steps produced
+        self.steps = 0  # engine steps scheduled (the worker counts them)
+        self.prefill_tokens = 0  # prompt tokens they computed, recomputation included
         # Its own CUDA stream: co-located models' steps are queued before any is waited for.
         # A worker gives a model with an SM share a stream of that share instead, before
         # the first wake (the engine's CUDA graphs are captured on this stream).

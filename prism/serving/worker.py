@@ -111,6 +111,8 @@ class ModelStats:
     busy_s: float = 0.0  # wall time of its engine steps since it was added (cumulative)
     output_tokens: int = 0  # tokens those steps produced (cumulative)
     preemptions: int = 0  # its requests preempted by recompute (cumulative)
+    steps: int = 0  # engine steps (cumulative)
+    prefill_tokens: int = 0  # prompt tokens computed, recomputation included (cumulative)
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,9 +466,13 @@ class DeviceWorker:
             self._protected.add(name)  # neither slept nor preempted until its step is done
             with _Busy(slot):
                 try:
-                    batches[name] = slot.engine.schedule()
+                    batches[name] = batch = slot.engine.schedule()
                 except Exception as e:  # the other models' outputs must not be lost with it
                     errors[name] = e
+                    continue
+            if batch.requests:
+                slot.steps += 1
+                slot.prefill_tokens += _prefill_tokens(batch)
         self._wake_sleepers_with_work()
         self._admit_pending()
         for name, batch in batches.items():
@@ -656,6 +662,8 @@ class DeviceWorker:
                     busy_s=slot.busy_s,
                     output_tokens=slot.output_tokens,
                     preemptions=engine.scheduler.preemptions if engine else 0,
+                    steps=slot.steps,
+                    prefill_tokens=slot.prefill_tokens,
                 )
             )
         pool = self.pool.stats()
@@ -681,3 +689,9 @@ class DeviceWorker:
         if self._sms is not None:
             self._sms.close()
         self.pool.close()
+
+
+def _prefill_tokens(batch: ScheduledBatch) -> int:
+    """Tokens of `batch` that are prompt (or recomputed) tokens, not a decode's one."""
+    return sum(n for r, n in zip(batch.requests, batch.num_tokens, strict=True)
+               if n > 1 or r.num_computed_tokens < r.num_tokens - 1)  # fmt: skip

@@ -338,13 +338,19 @@ def test_host_budget_drops_least_recently_used_host_copies() -> None:
 
 def test_stats_count_rounds_and_their_time() -> None:
     """Every `step()` that launched something is a round, its time split into the host's
-    work before the wait and the wait; a step with nothing to do is not counted."""
+    work before the wait and the wait; a step with nothing to do is not counted. Each
+    model counts its steps and the prompt tokens they computed (not decode tokens)."""
     worker = _worker(24)
     assert worker.step() == [] and worker.stats().rounds == 0
-    _run(worker, [("a", _prompt(1, 40)), ("b", _prompt(2, 40))])
+    _run(worker, [("a", _prompt(1, 40)), ("b", _prompt(2, 40)), ("b", _prompt(3, 600))])
     stats = worker.stats()
     assert stats.rounds >= GREEDY.max_tokens  # one token per round at most
     assert stats.round_host_s > 0 and stats.round_wait_s >= 0
+    models = {m.name: m for m in stats.models}
+    assert models["a"].prefill_tokens == 40 and models["b"].prefill_tokens == 640
+    assert models["a"].steps == GREEDY.max_tokens  # the prompt's step yields the first token
+    assert models["b"].steps >= GREEDY.max_tokens + 1  # 600 tokens: two 512-token chunks
+    assert models["c"].steps == models["c"].prefill_tokens == 0
     worker.close()
 
 

@@ -70,11 +70,12 @@ def test_both_sides_record_memory_over_time(smoke: tuple[dict[str, Any], Path]) 
         rounds = [r[0] for r in live["rounds"]]  # cumulative: the worker's rounds so far
         assert rounds == sorted(rounds) and rounds[-1] > 0 and len(live["rounds"][0]) == 3
         for side in (live, sim):
-            for key in ("busy_s", "output_tokens", "preemptions"):
+            for key in ("busy_s", "output_tokens", "preemptions", "steps", "prefill_tokens"):
                 for model in range(models):
                     column = [row[model] for row in side[key]]
                     assert column == sorted(column)  # cumulative
             assert sum(side["output_tokens"][-1]) > sum(side["output_tokens"][0])
+            assert sum(side["prefill_tokens"][-1]) > sum(side["prefill_tokens"][0])
         assert sim["rounds"] == sorted(sim["rounds"]) and sim["rounds"][-1] > 0
         assert max(max(r) for r in sim["running"]) > 0
         assert {s for row in sim["state"] for s in row} <= {
