@@ -350,6 +350,7 @@ class Samples:
     prefill: list[tuple[ModelShape, int, float]] = field(default_factory=list)
     wake: list[tuple[ModelShape, float]] = field(default_factory=list)
     sleep: list[tuple[int, float]] = field(default_factory=list)
+    kv_map: list[tuple[int, float]] = field(default_factory=list)  # KV growth: bytes, s
 
 
 def greedy(tokens: int) -> SamplingParams:
@@ -376,6 +377,7 @@ def measure_model(worker: DeviceWorker, setup: Setup, name: str, shape: ModelSha
         released = worker.sleep(name)
         out.sleep.append((released, time.perf_counter() - t))
     assert worker.wake(name)
+    out.kv_map += measure_kv_growth(worker, name, setup.kv_bytes // 4)
     for tokens in setup.prefill_tokens:
         times = []
         for _ in range(setup.repeats + 1):  # the first of each length warms up
@@ -402,6 +404,28 @@ def measure_model(worker: DeviceWorker, setup: Setup, name: str, shape: ModelSha
     return out
 
 
+def measure_kv_growth(worker: DeviceWorker, name: str, nbytes: int) -> list[tuple[int, float]]:
+    """A woken model's KV cache grown by about `nbytes` of pages from its empty state
+    (blocks allocated, as a request's admission takes them), `repeats` times: the host
+    time per byte the simulator charges as caches grow."""
+    engine = worker.models[name].engine
+    assert engine is not None
+    cache = engine.kv_cache
+    blocks = max(1, nbytes // (cache.config.bytes_per_token * cache.config.block_size))
+    samples = []
+    for _ in range(3):
+        cache.trim(0)
+        before = cache.mapped_bytes
+        t = time.perf_counter()
+        got = cache.allocate(min(blocks, cache.free_blocks + cache.growth_blocks()))
+        seconds = time.perf_counter() - t
+        assert got is not None, f"{name}: KV growth for calibration failed"
+        samples.append((cache.mapped_bytes - before, seconds))
+        cache.free(got)
+    cache.trim()
+    return [(b, t) for b, t in samples if b > 0]
+
+
 def calibrate(
     worker: DeviceWorker, setup: Setup, shapes: dict[str, ModelShape]
 ) -> tuple[CostModel, dict[str, Any]]:
@@ -415,10 +439,12 @@ def calibrate(
         samples.prefill += got.prefill
         samples.wake += got.wake
         samples.sleep += got.sleep
+        samples.kv_map += got.kv_map
     source = f"measured in this run on {spec.name}"
     calibration = Calibration.fit(
-        spec, samples.decode, samples.prefill, samples.wake, samples.sleep, source
-    )
+        spec, samples.decode, samples.prefill, samples.wake, samples.sleep, source,
+        kv_map=samples.kv_map,
+    )  # fmt: skip
     cost = CostModel(spec, calibration)
     return cost, {"ceilings": asdict(spec), "factors": _factors(calibration),
                   "fit": fit_report(cost, samples)}  # fmt: skip
@@ -427,8 +453,8 @@ def calibrate(
 def _factors(calibration: Calibration) -> dict[str, Any]:
     return {k: getattr(calibration, k) for k in (
         "decode_overhead", "prefill_points", "wake_overhead", "wake_fixed_s",
-        "unmap_s_per_gib", "step_fixed_s", "seq_fixed_s", "eager_layer_s", "roofline",
-        "source")}  # fmt: skip
+        "unmap_s_per_gib", "map_s_per_gib", "step_fixed_s", "seq_fixed_s", "eager_layer_s",
+        "roofline", "source")}  # fmt: skip
 
 
 def fit_report(cost: CostModel, samples: Samples) -> list[dict[str, Any]]:
@@ -695,7 +721,9 @@ def resimulate(source: Path, traces: Path, out: Path | None, refit: bool = False
     spec = GPUSpec(**results["calibration"]["ceilings"])
     factors = dict(results["calibration"]["factors"])
     factors["prefill_points"] = tuple(tuple(p) for p in factors["prefill_points"])
-    calibration = Calibration(**factors)
+    if "map_s_per_gib" not in factors and results["kind"] != "cuda":
+        factors["map_s_per_gib"] = 0.0  # not measured before 2026-11-29, and no CPU figure
+    calibration = Calibration(**factors)  # (a CUDA run's: the H200 bench_memory figure)
     if refit:
         calibration = refit_calibration(results, setup, shapes, spec, calibration)
         results["calibration"]["factors"] = _factors(calibration)
@@ -719,8 +747,8 @@ def refit_calibration(
     results: dict[str, Any], setup: Setup, shapes: list[ModelShape], spec: GPUSpec,
     recorded: Calibration,
 ) -> Calibration:  # fmt: skip
-    """`Calibration.fit` again over the samples of a run's fit report (sleeps were not
-    recorded one by one: their rate stays as fitted then)."""
+    """`Calibration.fit` again over the samples of a run's fit report (sleeps and KV
+    growth were not recorded one by one: their rates stay as fitted then)."""
     by_name = {s.name: s for s in shapes}
     steps = 2 * setup.repeats + 2  # as `measure_model` times them
     samples = Samples()
@@ -735,6 +763,7 @@ def refit_calibration(
             samples.wake.append((shape, seconds))
     fitted = Calibration.fit(spec, samples.decode, samples.prefill, samples.wake, [], "")
     return replace(fitted, unmap_s_per_gib=recorded.unmap_s_per_gib,
+                   map_s_per_gib=recorded.map_s_per_gib,
                    source=f"{recorded.source}; refitted {now()}")  # fmt: skip
 
 

@@ -116,6 +116,10 @@ H100 = GPUSpec("H100", 81_559 * MiB, 3.35e12 * 4.1655 / 4.8, 7.8508e14, 5.5343e1
 GPUS = {"H200": H200, "H100": H100}
 
 
+# bench_memory_h200.json (ce399a0): growing a KV cache by 1 GiB of pages, 18.2 ms
+KV_MAP_S_PER_GIB = 0.0182
+
+
 @dataclass(frozen=True, slots=True)
 class Calibration:
     """Measured factors between real step times and their physical floors."""
@@ -128,6 +132,9 @@ class Calibration:
     wake_overhead: float = 1.001
     wake_fixed_s: float = 0.0059  # its intercept: per-wake work that does not scale with bytes
     unmap_s_per_gib: float = 0.0119  # sleep: unmapping 1 GiB of pages (bench_memory shrink)
+    # KV growing by 1 GiB of pages (bench_memory grow): the host's time in the worker's
+    # loop, as KV shrinking (preemption, trim) costs `unmap_s_per_gib`
+    map_s_per_gib: float = KV_MAP_S_PER_GIB
     # Host work of an engine step, whatever the model (scheduling, inputs, sampling), and
     # per sequence in it; the H200 results fit only the latter (one model's rows: a fixed
     # term would take the whole step, see `from_results`).
@@ -215,9 +222,13 @@ class Calibration:
         memory = root / "bench_memory_h200.json"
         if memory.is_file():
             data = json.loads(memory.read_text())
-            shrink = data.get("grow_shrink", {}).get("shrink_1gib_ms")
+            moves = data.get("grow_shrink", {})
+            shrink, grow = moves.get("shrink_1gib_ms"), moves.get("grow_1gib_ms")
             if shrink:
                 found["unmap_s_per_gib"] = shrink / 1e3
+            if grow:
+                found["map_s_per_gib"] = grow / 1e3
+            if shrink or grow:
                 sources.append(f"{memory.name}@{data.get('commit', '?')}")
         if not sources:
             return cls()
@@ -232,25 +243,30 @@ class Calibration:
         wake: Sequence[tuple[ModelShape, float]],
         sleep: Sequence[tuple[int, float]],
         source: str,
+        kv_map: Sequence[tuple[int, float]] = (),
     ) -> Calibration:
         """Factors fitted to measurements on `gpu` (whose ceilings make the floors):
         decode steps (shape, batch, KV tokens, seconds) → roofline, overhead and host work
         (`_fit_decode`); prefill steps (shape, tokens, seconds) → the eager host floor per
         layer and the efficiency at each token count (`_fit_prefill`); wakes (shape,
         seconds) → copy overhead and fixed time, a line as in `from_results`; sleeps
-        (bytes unmapped, seconds) → seconds per GiB."""
+        (bytes unmapped, seconds) → seconds per GiB; KV growth (bytes mapped, seconds) →
+        seconds per GiB (the default when not measured)."""
         roofline, overhead, fixed, per_seq = _fit_decode(gpu, decode)
         eager, points = _fit_prefill(gpu, prefill, fixed + per_seq)
         wake_overhead, wake_fixed = _line_fit(
             [(shape.weight_bytes / gpu.h2d_bytes_per_s, t) for shape, t in wake]
         )
         unmapped = sum(b for b, _ in sleep)
+        mapped = sum(b for b, _ in kv_map)
+        map_s = sum(t for _, t in kv_map) / (mapped / GiB) if mapped else KV_MAP_S_PER_GIB
         return cls(
             decode_overhead=overhead,
             prefill_points=points,
             wake_overhead=wake_overhead,
             wake_fixed_s=wake_fixed,
             unmap_s_per_gib=sum(t for _, t in sleep) / (unmapped / GiB) if unmapped else 0.0,
+            map_s_per_gib=map_s,
             step_fixed_s=fixed,
             seq_fixed_s=per_seq,
             eager_layer_s=eager,
@@ -430,6 +446,11 @@ class CostModel:
     def sleep_s(self, pages_bytes: int) -> float:
         """Unmap a sleeping model's pages (the worker does it in its loop)."""
         return pages_bytes / GiB * self.calibration.unmap_s_per_gib
+
+    def kv_moves_s(self, mapped_bytes: int, unmapped_bytes: int) -> float:
+        """Map and unmap KV pages as caches grow and shrink (the worker's loop does it)."""
+        c = self.calibration
+        return (mapped_bytes * c.map_s_per_gib + unmapped_bytes * c.unmap_s_per_gib) / GiB
 
     def migrate_s(self, shape: ModelShape) -> float:
         """Moving a model to another GPU: a wake there (the host copy is shared)."""

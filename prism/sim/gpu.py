@@ -87,6 +87,7 @@ class SimGPU:
         self.wakes_by_model: Counter[int] = Counter()
         self.sleeps_by_model: Counter[int] = Counter()
         self.rounds = 0  # rounds of steps finished (a decode segment's each)
+        self._kv_charged = (0, 0)  # KV pages mapped, unmapped: charged as loop time so far
 
     # ---- instances -------------------------------------------------------------------
 
@@ -205,6 +206,7 @@ class SimGPU:
             self._admit(now)  # the resident model takes what came before the next swap
         # a model slept by the steps' admissions with requests queued is woken right away
         task = self._start_wake(now) or self._start_steps(now) or self._start_wake(now)
+        self._charge_kv_moves()
         if task is not None:
             task.end += self.stall_s
             self.stall_s = 0.0
@@ -235,6 +237,18 @@ class SimGPU:
             for plan in task.plans:
                 done += plan.instance.finish_step(plan, now)
         return done
+
+    def _charge_kv_moves(self) -> None:
+        """The worker maps and unmaps KV pages in its loop as caches grow and shrink: the
+        pages moved since the last charge are loop time owed by the next task."""
+        mapped = sum(i.kv.pages_mapped for i in self.instances.values())
+        unmapped = sum(i.kv.pages_unmapped for i in self.instances.values())
+        done_mapped, done_unmapped = self._kv_charged
+        self._kv_charged = mapped, unmapped  # (an instance that left took its counts along)
+        new_mapped, new_unmapped = max(0, mapped - done_mapped), max(0, unmapped - done_unmapped)
+        if new_mapped or new_unmapped:
+            page = self.config.page_size
+            self.stall_s += self.cost.kv_moves_s(new_mapped * page, new_unmapped * page)
 
     def interrupt(self, now: float) -> float | None:
         """Something arrived: end the running segment after its current round. Returns

@@ -55,6 +55,10 @@ class SimKVCache:
             consumer=self,
         )
         self._pages: dict[int, list[int]] = {}  # group -> its pool pages
+        # pages mapped as the cache grew and unmapped as it shrank (not at wake or sleep,
+        # which are charged whole), cumulative: host work the GPU charges (`kv_moves_s`)
+        self.pages_mapped = 0
+        self.pages_unmapped = 0
 
     # ---- capacity ------------------------------------------------------------------
 
@@ -99,7 +103,7 @@ class SimKVCache:
         extra = self.allocator.empty_groups - keep
         return self._shrink_groups(extra) if extra > 0 else 0
 
-    def _grow(self, groups: int, *, reclaim: bool) -> bool:
+    def _grow(self, groups: int, *, reclaim: bool, waking: bool = False) -> bool:
         count = groups * self.group_pages
         if count > self.account.headroom:
             return False
@@ -117,6 +121,8 @@ class SimKVCache:
         for i, group in enumerate(targets):
             self._pages[group] = pages[i * self.group_pages : (i + 1) * self.group_pages]
             self.allocator.map_group(group)
+        if not waking:
+            self.pages_mapped += count
         return True
 
     def _shrink_groups(self, groups: int, *, reclaimed: bool = False) -> int:
@@ -128,6 +134,7 @@ class SimKVCache:
             pages += self._pages.pop(group)
         self.allocator.abandon(targets)
         self.pool.release(self.name, pages, reclaimed=reclaimed)
+        self.pages_unmapped += len(pages)
         return len(pages)
 
     # ---- sleep and wake ------------------------------------------------------------
@@ -137,7 +144,7 @@ class SimKVCache:
         if not self.asleep:
             return True
         self.asleep = False
-        if not self._grow(1, reclaim=reclaim):
+        if not self._grow(1, reclaim=reclaim, waking=True):
             self.asleep = True
             return False
         self.allocator.reserve_padding()

@@ -61,6 +61,8 @@ def test_defaults_are_the_measurements() -> None:
     assert default.wake_fixed_s == pytest.approx(measured.wake_fixed_s, rel=0.05)
     assert default.seq_fixed_s == pytest.approx(measured.seq_fixed_s, rel=0.01)
     assert default.round_fixed_s == pytest.approx(measured.round_fixed_s, rel=0.01)
+    assert default.map_s_per_gib == pytest.approx(measured.map_s_per_gib, rel=0.01)
+    assert default.unmap_s_per_gib == pytest.approx(measured.unmap_s_per_gib, rel=0.01)
     for (t0, e0), (t1, e1) in zip(default.prefill_points, measured.prefill_points, strict=True):
         assert t0 == t1 and e0 == pytest.approx(e1, abs=0.01)
 
@@ -102,7 +104,11 @@ def test_fit_recovers_the_factors_steps_were_made_with(roofline: str) -> None:
     decode = [(s, b, b * 600, cost.decode_s(s, b, b * 600)) for s in shapes for b in (1, 8, 64)]
     prefill = [(s, t, cost.prefill_s(s, t)) for s in shapes for t in (512, 2048)]
     wake = [(s, cost.wake_s(s)) for s in shapes]
-    fitted = Calibration.fit(cost.gpu, decode, prefill, wake, [(GiB, 0.02)], "synthetic")
+    fitted = Calibration.fit(cost.gpu, decode, prefill, wake, [(GiB, 0.02)], "synthetic",
+                             kv_map=[(GiB // 4, 0.01), (GiB // 4, 0.01)])  # fmt: skip
+    assert fitted.map_s_per_gib == pytest.approx(0.04)
+    unmeasured = Calibration.fit(cost.gpu, decode, prefill, wake, [], "synthetic")
+    assert unmeasured.map_s_per_gib == Calibration().map_s_per_gib  # the default stands
     assert fitted.roofline == roofline
     assert fitted.decode_overhead == pytest.approx(2.0, rel=1e-6)
     assert fitted.step_fixed_s == pytest.approx(0.001, rel=1e-4)

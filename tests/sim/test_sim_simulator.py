@@ -59,28 +59,39 @@ def test_deterministic_for_a_seed(policy: str, h200: GPUConfig, cost: CostModel)
 def test_a_lone_request_takes_the_closed_form_time(h200: GPUConfig, cost: CostModel) -> None:
     """Static, one request: TTFT = one prefill step; TPOT = the mean decode step, whose
     KV grows one token a step (linear, so the mean is the step at the mean context); each
-    round also costs the worker's host time for a round."""
+    round also costs the worker's host time for a round, and the admission the mapping of
+    the KV group beyond the one the wake mapped (1,025 tokens and the padding block: 66
+    blocks of the 8B's 64 a group; the decode stays inside them)."""
     ms = models("llama-3.1-8b")
     prompt, output = 1024, 65
-    r, _ = run(workload([(1.0, 0)], prompt, output, 1, 10.0), ms, "static", 1, h200, cost)
+    r, sim = run(workload([(1.0, 0)], prompt, output, 1, 10.0), ms, "static", 1, h200, cost)
     shape = ms[0].shape
     per_round = cost.calibration.round_fixed_s
     assert per_round > 0
-    assert r.ttft[0] == pytest.approx(cost.prefill_s(shape, prompt) + per_round, rel=1e-9)
+    kv = sim.gpus[0].instances[0].kv
+    assert kv.pages_mapped == kv.group_pages  # the wake's group is the wake's cost
+    mapping = cost.kv_moves_s(kv.group_pages * h200.page_size, 0)
+    assert mapping > 0
+    ttft = cost.prefill_s(shape, prompt) + per_round + mapping
+    assert r.ttft[0] == pytest.approx(ttft, rel=1e-9)
     steps = [cost.decode_s(shape, 1, prompt + i) + per_round for i in range(output - 1)]
     assert r.tpot[0] == pytest.approx(sum(steps) / len(steps), rel=1e-4)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks(h200: GPUConfig, cost: CostModel) -> None:
     """5,000 tokens with a 2,048-token step budget: three chunks (three rounds), attention
-    over the cache; the last, 904 tokens, replays the engine's 1,024-token graph."""
+    over the cache; the last, 904 tokens, replays the engine's 1,024-token graph; the
+    whole prompt's KV is mapped at admission (four 1,024-token groups beyond the wake's)."""
     ms = models("llama-3.2-3b")
-    r, _ = run(workload([(0.0, 0)], 5000, 1, 1, 10.0), ms, "static", 1, h200, cost)
+    r, sim = run(workload([(0.0, 0)], 5000, 1, 1, 10.0), ms, "static", 1, h200, cost)
     shape = ms[0].shape
     chunks = [(2048, 0, 2048), (2048, 2048, 2048), (904, 4096, 1024)]
     rounds = len(chunks) * cost.calibration.round_fixed_s
     steps = sum(cost.prefill_s(shape, n, o, graph) for n, o, graph in chunks)
-    assert r.ttft[0] == pytest.approx(steps + rounds)
+    kv = sim.gpus[0].instances[0].kv
+    assert kv.pages_mapped == 4 * kv.group_pages
+    mapping = cost.kv_moves_s(kv.pages_mapped * h200.page_size, 0)
+    assert r.ttft[0] == pytest.approx(steps + rounds + mapping)
     assert steps > sum(cost.prefill_s(shape, n, o) for n, o, _ in chunks)  # the padding
     assert r.tpot[0] == 0.0  # one output token: no time per further token
 
