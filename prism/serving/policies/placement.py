@@ -195,8 +195,7 @@ class KVPressurePlacement(PlacementPolicy):
         current: dict[str, str] | None = None,
         now: float = 0.0,
     ) -> Placement:
-        _check_unique([m.name for m in models], "model")
-        _check_unique([d.device_id for d in devices], "device")
+        _check_names(models, devices)
         current = current or {}
         loads = [_Load(d, i) for i, d in enumerate(devices)]
         placement = Placement({}, [])
@@ -256,8 +255,7 @@ class ComputeAwarePlacement(KVPressurePlacement):
     ) -> Placement:
         if not (self.config.incremental and current):
             return super().place(models, devices, current, now)
-        _check_unique([m.name for m in models], "model")
-        _check_unique([d.device_id for d in devices], "device")
+        _check_names(models, devices)
         loads = [_Load(d, i) for i, d in enumerate(devices)]
         by_id = {load.device.device_id: load for load in loads}
         placement = Placement({}, [])
@@ -360,6 +358,11 @@ def _partners(groups: frozenset[frozenset[str]]) -> dict[str, set[str]]:
         for name in group:
             partners.setdefault(name, set()).update(group - {name})
     return partners
+
+
+def _check_names(models: Sequence[ModelDemand], devices: Sequence[DeviceInfo]) -> None:
+    _check_unique([m.name for m in models], "model")
+    _check_unique([d.device_id for d in devices], "device")
 
 
 def _check_unique(names: list[str], what: str) -> None:
