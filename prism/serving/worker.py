@@ -523,6 +523,7 @@ class DeviceWorker:
         would wait on the other's backlog, or chunk a long prompt and lose it again."""
         if self.config.mode is not WorkerMode.PRISM or len(names) < 2:
             return names
+        self._acting = None  # between rounds nobody takes memory (a stale name counts as busy)
         share = self._fair_kv_share()
         return sorted(names, key=lambda n: self._kv_pages(n) >= share)
 
