@@ -406,8 +406,8 @@ def measure_model(worker: DeviceWorker, setup: Setup, name: str, shape: ModelSha
 
 def measure_kv_growth(worker: DeviceWorker, name: str, nbytes: int) -> list[tuple[int, float]]:
     """A woken model's KV cache grown by about `nbytes` of pages from its empty state
-    (blocks allocated, as a request's admission takes them), `repeats` times: the host
-    time per byte the simulator charges as caches grow."""
+    (blocks allocated, as a request's admission takes them), three times: the host time
+    per byte the simulator charges as caches grow."""
     engine = worker.models[name].engine
     assert engine is not None
     cache = engine.kv_cache

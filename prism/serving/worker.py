@@ -362,7 +362,7 @@ class DeviceWorker:
             return slot.engine.release_memory(pages)
         if slot.spec.priority > self._acting_priority or self._acting is None:
             return 0
-        share = self._fair_kv_share()
+        share = self._fair_kv_share(self._acting)
         excess = self._kv_pages(name) - share
         if self._kv_pages(self._acting) >= share or excess <= 0:
             return 0
@@ -372,10 +372,11 @@ class DeviceWorker:
         engine = self.models[name].engine
         return 0 if engine is None else engine.kv_cache.account.num_owned
 
-    def _fair_kv_share(self) -> int:
-        """KV pages per model with work (running, queued, or waiting to wake — the model
-        taking memory now included): the budget less their weights, split evenly."""
-        waiting = {p.model for p in self._pending} | {self._acting}
+    def _fair_kv_share(self, acting: str | None) -> int:
+        """KV pages per model with work (running, queued, or waiting to wake — `acting`,
+        the model taking memory now, included): the budget less their weights, split
+        evenly."""
+        waiting = {p.model for p in self._pending} | {acting}
         busy = [s for n, s in self.models.items() if not s.idle or n in waiting]
         page = self.pool.page_size
         weights = sum(-(-s.weight_bytes // page) for s in busy)
@@ -523,8 +524,7 @@ class DeviceWorker:
         would wait on the other's backlog, or chunk a long prompt and lose it again."""
         if self.config.mode is not WorkerMode.PRISM or len(names) < 2:
             return names
-        self._acting = None  # between rounds nobody takes memory (a stale name counts as busy)
-        share = self._fair_kv_share()
+        share = self._fair_kv_share(None)  # between rounds nobody is taking memory
         return sorted(names, key=lambda n: self._kv_pages(n) >= share)
 
     def _slo_order(self, names: list[str]) -> list[str]:

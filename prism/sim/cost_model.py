@@ -449,8 +449,7 @@ class CostModel:
 
     def kv_moves_s(self, mapped_bytes: int, unmapped_bytes: int) -> float:
         """Map and unmap KV pages as caches grow and shrink (the worker's loop does it)."""
-        c = self.calibration
-        return (mapped_bytes * c.map_s_per_gib + unmapped_bytes * c.unmap_s_per_gib) / GiB
+        return mapped_bytes / GiB * self.calibration.map_s_per_gib + self.sleep_s(unmapped_bytes)
 
     def migrate_s(self, shape: ModelShape) -> float:
         """Moving a model to another GPU: a wake there (the host copy is shared)."""
