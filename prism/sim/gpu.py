@@ -108,7 +108,10 @@ class SimGPU:
         return instance
 
     def remove(self, model: int) -> None:
+        self._charge_kv_moves()  # what it moved here is owed before its counts leave
         instance = self.instances.pop(model)
+        mapped, unmapped = self._kv_charged
+        self._kv_charged = mapped - instance.kv.pages_mapped, unmapped - instance.kv.pages_unmapped
         if instance in self.wake_queue:
             self.wake_queue.remove(instance)
         instance.close()
@@ -244,11 +247,12 @@ class SimGPU:
         mapped = sum(i.kv.pages_mapped for i in self.instances.values())
         unmapped = sum(i.kv.pages_unmapped for i in self.instances.values())
         done_mapped, done_unmapped = self._kv_charged
-        self._kv_charged = mapped, unmapped  # (an instance that left took its counts along)
-        new_mapped, new_unmapped = max(0, mapped - done_mapped), max(0, unmapped - done_unmapped)
-        if new_mapped or new_unmapped:
+        self._kv_charged = mapped, unmapped
+        if mapped > done_mapped or unmapped > done_unmapped:
             page = self.config.page_size
-            self.stall_s += self.cost.kv_moves_s(new_mapped * page, new_unmapped * page)
+            self.stall_s += self.cost.kv_moves_s(
+                (mapped - done_mapped) * page, (unmapped - done_unmapped) * page
+            )
 
     def interrupt(self, now: float) -> float | None:
         """Something arrived: end the running segment after its current round. Returns
