@@ -171,17 +171,17 @@ def host_profile(config: ModelConfig, batch: int, ctx: int, steps: int = 50) -> 
 
 
 def prefill(
-    config: ModelConfig, ceil: dict[str, float], lengths: list[int], graphs: bool = False,
-    graph_tokens: tuple[int, ...] | None = None,
+    config: ModelConfig, ceil: dict[str, float], lengths: list[int],
+    graph_tokens: tuple[int, ...] = (),
 ) -> list[dict]:  # fmt: skip
     """One prompt of each length in one step: achieved FLOP rate vs the matmul rate.
-    `graphs`: each length replays a token-count CUDA graph (else launched eagerly);
-    `graph_tokens`: the graphs captured instead (a step replays the next size up)."""
-    sizes = graph_tokens if graph_tokens is not None else tuple(lengths) if graphs else ()
+    `graph_tokens`: the token-count CUDA graphs captured (a step replays the next size
+    up; captured at the lengths themselves, each step replays its own); () launches every
+    step eagerly."""
     engine = make_engine(
         config, max_num_seqs=4, max_model_len=max(lengths) + 16,
-        max_num_batched_tokens=max([*lengths, *sizes]), kv_cache_bytes=20 * GiB,
-        prefix_caching=False, cuda_graph_sizes=(), cuda_graph_tokens=sizes,
+        max_num_batched_tokens=max([*lengths, *graph_tokens]), kv_cache_bytes=20 * GiB,
+        prefix_caching=False, cuda_graph_sizes=(), cuda_graph_tokens=graph_tokens,
     )  # fmt: skip
     rows = []
     rng = random.Random(1)
@@ -199,7 +199,7 @@ def prefill(
         step = statistics.median(times[1:])
         attn = 2 * config.num_layers * config.num_heads * config.head_dim * n * n  # causal QK+PV
         flops = 2 * matmul_params(config) * n + attn
-        rows.append({"tokens": n, "graph": bool(sizes), "step_ms": step * 1e3,
+        rows.append({"tokens": n, "graph": bool(graph_tokens), "step_ms": step * 1e3,
                      "tflops": flops / step / 1e12,
                      "of_matmul_rate": flops / step / ceil["bf16_flops_per_s"]})  # fmt: skip
     engine.close()
@@ -376,10 +376,10 @@ def main() -> None:
         results["prefill_8b"] = prefill(big, ceil, [512, 2048, 8192])
         # The same steps replayed from token-count graphs, and a small model's short
         # prompts, where launching layer by layer from Python sets the pace.
-        results["prefill_8b_graph"] = prefill(big, ceil, [512, 2048, 8192], graphs=True)
+        results["prefill_8b_graph"] = prefill(big, ceil, [512, 2048, 8192], (512, 2048, 8192))
         small = PRESETS["llama-3.2-1b"]
         results["prefill_1b"] = prefill(small, ceil, [128, 512, 2048])
-        results["prefill_1b_graph"] = prefill(small, ceil, [128, 512, 2048], graphs=True)
+        results["prefill_1b_graph"] = prefill(small, ceil, [128, 512, 2048], (128, 512, 2048))
     if "padding" in parts:
         results["padding_8b"] = padding(big, ceil)
         results["padding_1b"] = padding(PRESETS["llama-3.2-1b"], ceil)
