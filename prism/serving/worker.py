@@ -29,6 +29,7 @@ from prism.engine.scheduler import ScheduledBatch
 from prism.memory import PagePool, make_vmm
 from prism.serving.model_slot import ModelSlot, ModelSpec, ModelState
 from prism.serving.policies.local_scheduler import LocalScheduler, LocalSchedulerConfig
+from prism.serving.policies.memory import KVClaim, fair_kv_share, kv_to_lend
 from prism.serving.policies.slo import PendingRequest
 from prism.serving.sm_partition import SmPartitionError, SmPartitions
 
@@ -346,11 +347,8 @@ class DeviceWorker:
         return slot.sleep() if self._can_sleep(slot) else 0
 
     def _relieve(self, name: str, pages: int) -> int:
-        """Asked for a model's live KV: an idle model sleeps; a busy one preempts requests
-        for a model of higher priority, or — between equals — only what it holds beyond
-        its fair share, and only for a model below its own. Equals preempting each other
-        freely would recompute forever; a model kept from the memory it lent out would
-        wait on the other's whole backlog."""
+        """Asked for a model's live KV: an idle model sleeps; a busy one not scheduled
+        this round preempts what `kv_to_lend` says it owes the model taking memory."""
         slot = self.models[name]
         if slot.state is not ModelState.ACTIVE or slot.engine is None:
             return 0
@@ -358,29 +356,26 @@ class DeviceWorker:
             return slot.sleep()
         if not slot.holds_kv or name in self._protected:
             return 0  # a model scheduled this round keeps its batch's blocks until it ran
-        if slot.spec.priority < self._acting_priority:
-            return slot.engine.release_memory(pages)
-        if slot.spec.priority > self._acting_priority or self._acting is None:
-            return 0
-        share = self._fair_kv_share(self._acting)
-        excess = self._kv_pages(name) - share
-        if self._kv_pages(self._acting) >= share or excess <= 0:
-            return 0
-        return slot.engine.release_memory(min(pages, excess))
+        taker = None
+        if self._acting is not None:
+            taker = KVClaim(self._acting_priority, self._kv_pages(self._acting))
+        lender = KVClaim(slot.spec.priority, self._kv_pages(name))
+        owed = kv_to_lend(lender, taker, self._fair_kv_share(self._acting), pages)
+        return slot.engine.release_memory(owed) if owed else 0
 
     def _kv_pages(self, name: str) -> int:
         engine = self.models[name].engine
         return 0 if engine is None else engine.kv_cache.account.num_owned
 
     def _fair_kv_share(self, acting: str | None) -> int:
-        """KV pages per model with work (running, queued, or waiting to wake — `acting`,
-        the model taking memory now, included): the budget less their weights, split
-        evenly."""
+        """`fair_kv_share` over the models with work: running, queued, or waiting to wake
+        (`acting`, the model taking memory now, included)."""
         waiting = {p.model for p in self._pending} | {acting}
-        busy = [s for n, s in self.models.items() if not s.idle or n in waiting]
         page = self.pool.page_size
-        weights = sum(-(-s.weight_bytes // page) for s in busy)
-        return max(0, self.pool.budget_pages - weights) // max(1, len(busy))
+        weights = [
+            -(-s.weight_bytes // page) for n, s in self.models.items() if not s.idle or n in waiting
+        ]
+        return fair_kv_share(self.pool.budget_pages, weights)
 
     # ---- requests ----------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from prism.memory.page_pool import PagePool
+from prism.serving.policies.memory import KVClaim, fair_kv_share, kv_to_lend
 from prism.sim.cost_model import CostModel
 from prism.sim.instance import Instance, State, StepPlan
 from prism.sim.request import SimModel, SimRequest
@@ -163,11 +164,8 @@ class SimGPU:
 
     def _relieve(self, instance: Instance, pages: int) -> int:
         """Live KV wanted: an idle model sleeps; a busy one not stepping this round
-        preempts requests for a model of higher priority, or — between equals — only what
-        it holds beyond its fair share, and only for a model below its own (as
-        `DeviceWorker._relieve`: equals preempting each other freely would recompute
-        forever; a model kept from the memory it lent out would wait on the other's
-        whole backlog)."""
+        preempts what `kv_to_lend` says it owes the model taking memory (as
+        `DeviceWorker._relieve`)."""
         if instance.state is not State.ACTIVE:
             return 0
         if self._can_sleep(instance):
@@ -175,27 +173,20 @@ class SimGPU:
         if not instance.holds_kv or instance in self._protected:
             return 0
         acting = self._acting
-        priority = acting.model.priority if acting else 0
-        if instance.model.priority < priority:
-            return instance.release_for_pressure(pages)
-        if instance.model.priority > priority or acting is None:
-            return 0
-        share = self._fair_kv_share()
-        excess = instance.kv.mapped_pages - share
-        if acting.kv.mapped_pages >= share or excess <= 0:
-            return 0
-        return instance.release_for_pressure(min(pages, excess))
+        taker = None if acting is None else KVClaim(acting.model.priority, acting.kv.mapped_pages)
+        lender = KVClaim(instance.model.priority, instance.kv.mapped_pages)
+        owed = kv_to_lend(lender, taker, self._fair_kv_share(), pages)
+        return instance.release_for_pressure(owed) if owed else 0
 
     def _fair_kv_share(self) -> int:
-        """KV pages per model with work (running, queued or waiting to wake; the one taking
-        memory now included): the budget less their weights, split evenly."""
-        busy = [
-            i
+        """`fair_kv_share` over the models with work: running, queued or waiting to wake
+        (the one taking memory now included)."""
+        weights = [
+            i.weights.num_pages
             for i in self.instances.values()
             if i.has_work or i is self._acting or i in self.wake_queue
         ]
-        weights = sum(i.weights.num_pages for i in busy)
-        return max(0, self.pool.budget_pages - weights) // max(1, len(busy))
+        return fair_kv_share(self.pool.budget_pages, weights)
 
     # ---- the loop ----------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ as arguments, so the live device worker and the cluster simulator run the same c
 - `placement` — global: which model lives on which device (`KVPressurePlacement`, the
   paper's rule; `ComputeAwarePlacement`, with a compute term, hysteresis, rate limit).
 - `eviction` — `EvictionPolicy`: which idle models to sleep when memory is short.
+- `memory` — `fair_kv_share`, `kv_to_lend`: how much live KV a busy model gives another
+  on the same device when the pool is dry.
 """
 
 from prism.serving.policies.demand import Rate, RateWindow, RateWindowConfig, StepCostWindow
@@ -23,6 +25,7 @@ from prism.serving.policies.local_scheduler import (
     PrefillEstimator,
     RotatingOrder,
 )
+from prism.serving.policies.memory import KVClaim, fair_kv_share, kv_to_lend
 from prism.serving.policies.placement import (
     ComputeAwareConfig,
     ComputeAwarePlacement,
@@ -46,6 +49,7 @@ __all__ = [
     "EvictionConfig",
     "EvictionPolicy",
     "FIFOOrder",
+    "KVClaim",
     "KVPressurePlacement",
     "LocalScheduler",
     "LocalSchedulerConfig",
@@ -62,4 +66,6 @@ __all__ = [
     "RotatingOrder",
     "RunningDecode",
     "StepCostWindow",
+    "fair_kv_share",
+    "kv_to_lend",
 ]
