@@ -23,6 +23,7 @@ from prism.engine.sampling_params import SamplingParams
 from prism.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from prism.engine.stop_checker import StopChecker
 from prism.kvcache import ElasticKVCache, KVCacheConfig
+from prism.kvcache.victims import group_to_empty
 from prism.memory import PagePool, make_vmm
 from prism.models.attention import AttentionBackend
 from prism.models.config import ModelConfig
@@ -237,8 +238,8 @@ class Engine:
     def release_memory(self, pages: int) -> int:
         """Give KV pages back to the pool for another model: cached prefixes first, then
         running requests are preempted (by recompute) a page group at a time — the owners
-        of the mapped group that the fewest requests share, so that each round empties a
-        group for the fewest recomputes. Returns pages freed."""
+        of the group that costs the least recompute to empty (`group_to_empty`). Returns
+        pages freed."""
         self._drain_ahead()  # no block of a step still running may move
         self.kv.reset_prefix_cache()
         released = self.kv_cache.trim(0)
@@ -253,16 +254,9 @@ class Engine:
         return released
 
     def _cheapest_group_owners(self) -> list[Request]:
-        per_group = self.kv_cache.blocks_per_group
-        owners: dict[int, dict[str, Request]] = {}
-        for req in self.scheduler.running:
-            for block in req.block_ids:
-                owners.setdefault(block // per_group, {})[req.request_id] = req
-        owners.pop(0, None)  # group 0 holds the padding block: it never empties
-        if not owners:
-            return []
-        group = min(owners, key=lambda g: (len(owners[g]), -g))
-        return list(owners[group].values())
+        running = {req.request_id: req for req in self.scheduler.running}
+        blocks = {rid: req.block_ids for rid, req in running.items()}
+        return [running[rid] for rid in group_to_empty(blocks, self.kv_cache.blocks_per_group)]
 
     def request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)

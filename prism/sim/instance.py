@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from prism.kvcache.victims import group_to_empty
 from prism.memory.page_pool import PagePool
 from prism.sim.cost_model import CostModel
 from prism.sim.kv_cache import SimKVCache, SimWeights
@@ -154,17 +155,29 @@ class Instance:
         if not pool:
             return None
         victim = max(pool, key=lambda r: (r.arrival, r.id))
-        pool.remove(victim)
+        self._preempt(victim)
+        return victim
+
+    def _preempt(self, victim: SimRequest) -> None:
+        (self.prefilling if victim in self.prefilling else self.decoding).remove(victim)
         self._free(victim)
         self.preemptions += 1
         victim.preempt()
         self.waiting.appendleft(victim)
-        return victim
 
     def release_for_pressure(self, pages: int) -> int:
-        """Preempt requests until `pages` could be given back; trims and returns pages."""
+        """Preempt the owners of a page group at a time, as the engine's `release_memory`
+        chooses them (`group_to_empty`), until `pages` could be given back; trims and
+        returns pages."""
         freed = 0
-        while freed < pages and self.preempt_newest() is not None:
+        while freed < pages:
+            running = {r.id: r for r in (*self.prefilling, *self.decoding) if r.blocks}
+            blocks = {i: r.blocks or [] for i, r in running.items()}
+            victims = group_to_empty(blocks, self.kv.blocks_per_group)
+            if not victims:
+                break
+            for victim in sorted((running[i] for i in victims), key=lambda r: (r.arrival, r.id)):
+                self._preempt(victim)
             freed = self.kv.allocator.empty_groups * self.kv.group_pages
         return self.kv.trim(0)
 
