@@ -356,10 +356,11 @@ class DeviceWorker:
             return slot.sleep()
         if not slot.holds_kv or name in self._protected:
             return 0  # a model scheduled this round keeps its batch's blocks until it ran
+        kv = slot.engine.kv_cache
         taker = None
         if self._acting is not None:
             taker = KVClaim(self._acting_priority, self._kv_pages(self._acting))
-        lender = KVClaim(slot.spec.priority, self._kv_pages(name))
+        lender = KVClaim(slot.spec.priority, self._kv_pages(name), kv.group_pages)
         owed = kv_to_lend(lender, taker, self._fair_kv_share(self._acting), pages)
         return slot.engine.release_memory(owed) if owed else 0
 

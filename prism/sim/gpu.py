@@ -174,7 +174,8 @@ class SimGPU:
             return 0
         acting = self._acting
         taker = None if acting is None else KVClaim(acting.model.priority, acting.kv.mapped_pages)
-        lender = KVClaim(instance.model.priority, instance.kv.mapped_pages)
+        kv = instance.kv
+        lender = KVClaim(instance.model.priority, kv.mapped_pages, kv.group_pages)
         owed = kv_to_lend(lender, taker, self._fair_kv_share(), pages)
         return instance.release_for_pressure(owed) if owed else 0
 

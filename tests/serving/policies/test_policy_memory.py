@@ -9,7 +9,7 @@ from prism.serving.policies import KVClaim, fair_kv_share, kv_to_lend
 
 pages = st.integers(min_value=0, max_value=10_000)
 priorities = st.integers(min_value=-2, max_value=2)
-claims = st.builds(KVClaim, priorities, pages)
+claims = st.builds(KVClaim, priorities, pages, st.integers(min_value=1, max_value=64))
 
 
 def test_fair_share_splits_what_the_weights_leave() -> None:
@@ -45,14 +45,25 @@ def test_equals_give_only_their_excess_to_a_model_below_its_share() -> None:
     assert kv_to_lend(KVClaim(0, 90), KVClaim(0, 20), share=100, wanted=50) == 0
 
 
+def test_equals_lend_whole_groups_of_their_excess() -> None:
+    """Groups of 8 pages, share 100: an excess of 7 is less than a group — giving a group
+    would put the lender below its share, to take it back next — so nothing; an excess
+    of 20 lends up to 16, two groups."""
+    assert kv_to_lend(KVClaim(0, 107, 8), KVClaim(0, 20), share=100, wanted=50) == 0
+    assert kv_to_lend(KVClaim(0, 120, 8), KVClaim(0, 20), share=100, wanted=50) == 16
+    assert kv_to_lend(KVClaim(0, 120, 8), KVClaim(0, 20), share=100, wanted=3) == 3
+
+
 @given(claims, claims, pages, pages)
 def test_lending_invariants(lender: KVClaim, taker: KVClaim, share: int, wanted: int) -> None:
-    """Never more than asked; between equals the lender keeps its share and a taker at
-    its share gets nothing; a higher-priority lender never gives."""
+    """Never more than asked; between equals the lender keeps its share even when it
+    frees whole groups, and a taker at its share gets nothing; a higher-priority lender
+    never gives."""
     lent = kv_to_lend(lender, taker, share, wanted)
     assert 0 <= lent <= wanted
     if lender.priority > taker.priority:
         assert lent == 0
     elif lender.priority == taker.priority and lent:
-        assert lender.kv_pages - lent >= share
+        group = lender.group_pages
+        assert lender.kv_pages - -(-lent // group) * group >= share
         assert taker.kv_pages < share
