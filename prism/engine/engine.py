@@ -114,11 +114,7 @@ class Engine:
         self._ids = itertools.count()
         self._ahead: StepInFlight | None = None  # a decode step launched ahead (`step()`)
         self._carry: list[RequestOutput] = []  # its outputs, when read back outside `step()`
-        # Groups the cache can ever map: its address space, or fewer when its page limit
-        # runs out first. One block is the reserved padding block.
-        pages = min(kv_cache.account.max_pages, kv_cache.pool.budget_pages)
-        groups = min(kv_cache.allocator.num_groups, pages // kv_cache.group_pages)
-        capacity = (groups * kv_cache.blocks_per_group - 1) * config.block_size
+        capacity = kv_cache.max_tokens_held
         if config.max_model_len > capacity:
             raise ValueError(
                 f"max_model_len {config.max_model_len} exceeds the KV cache's "

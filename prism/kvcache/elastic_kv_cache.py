@@ -117,6 +117,14 @@ class ElasticKVCache:
     # ---- capacity (O(1), no driver calls) ----------------------------------------
 
     @property
+    def max_tokens_held(self) -> int:
+        """Tokens the cache can ever hold: its address space, or fewer when its page limit
+        (or the pool's whole budget) runs out first, less the padding block."""
+        pages = min(self.account.max_pages, self.pool.budget_pages)
+        groups = min(self.allocator.num_groups, pages // self.group_pages)
+        return max(0, groups * self.blocks_per_group - 1) * self.config.block_size
+
+    @property
     def free_blocks(self) -> int:
         """Blocks allocatable right now without mapping anything."""
         return self.allocator.free_blocks

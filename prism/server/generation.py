@@ -24,7 +24,7 @@ from prism.server.errors import APIError
 from prism.server.metrics import RequestTimer, ServerMetrics
 from prism.server.protocol import SamplingRequest, Usage
 from prism.server.registry import OutputStream, ServedModel
-from prism.serving.async_worker import Overloaded, WakeTimeout
+from prism.serving.async_worker import Overloaded, RequestRejected, WakeTimeout
 from prism.serving.worker_client import WorkerCrashed
 
 
@@ -232,6 +232,8 @@ def engine_error(error: Exception) -> APIError:
         return errors.overloaded(str(error), error.retry_after_s)
     if isinstance(error, WakeTimeout):
         return errors.unavailable(str(error), error.retry_after_s)
+    if isinstance(error, RequestRejected):
+        return errors.bad_request(str(error))
     if isinstance(error, EngineOverloaded):
         return errors.overloaded(str(error))
     if isinstance(error, EngineClosed | WorkerCrashed):  # shut down; or restarting

@@ -89,6 +89,18 @@ class WakeTimeout(EngineError):
         return type(self), (str(self), self.model, self.retry_after_s)
 
 
+class RequestRejected(EngineError):
+    """The request was refused when its model woke (held for the wake, it met the
+    engine's checks only then): a bad request, not a failure of the worker."""
+
+    def __init__(self, message: str, model: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.model)
+
+
 @dataclass(slots=True)
 class Latency:
     """Recent mean seconds from a request's acceptance to its end (moving average)."""
@@ -456,6 +468,7 @@ class AsyncWorker:
             if self.worker.has_work():
                 self._step()
                 self._expire_wakes()
+                self._reject_refused()
             self._stats = self._snapshot()
             self._send_replies()
         self._shutdown()
@@ -583,6 +596,15 @@ class AsyncWorker:
                 model, retry,
             )  # fmt: skip
             self._replies.append(partial(put_soon, stream, error))
+
+    def _reject_refused(self) -> None:
+        """Fail the requests refused once their model woke (`DeviceWorker.take_rejected`)."""
+        for model, request_id, why in self.worker.take_rejected():
+            with self._cond:
+                stream = self._forget(model, request_id)
+            if stream is not None:
+                error = RequestRejected(f"model {model!r}: {why}", model)
+                self._replies.append(partial(put_soon, stream, error))
 
     def _sleep_now(self, model: str) -> int:
         slot = self.worker.models[model]

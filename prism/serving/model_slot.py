@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
@@ -193,7 +193,10 @@ class ModelSlot:
         model = LlamaModel(self.config, _attention_for(self.device))
         model.bind_weights(self.arena.views)
         cfg = self.spec.engine
-        budget = self.spec.max_kv_bytes or self.pool.budget_pages * self.pool.page_size
+        # Its KV can never have more than the budget less its own weights (resident
+        # whenever it runs): what lies beyond is no limit but a request that never fits.
+        beside = (self.pool.budget_pages - self.arena.num_pages) * self.pool.page_size
+        budget = min(self.spec.max_kv_bytes or beside, beside)
         per_token = self.config.kv_bytes_per_token(self.dtype)
         kv = ElasticKVCache(
             KVCacheConfig(
@@ -209,6 +212,15 @@ class ModelSlot:
             ),
             self.pool,
         )
+        if cfg.max_model_len > kv.max_tokens_held:
+            log.warning(
+                "%s: max_model_len %d lowered to %d, what its KV memory can hold beside its "
+                "weights (%.1f MiB of %.1f MiB); longer prompts are refused, and outputs stop "
+                "there with finish reason 'length'", self.spec.name, cfg.max_model_len,
+                kv.max_tokens_held, budget / 2**20,
+                self.pool.budget_pages * self.pool.page_size / 2**20,
+            )  # fmt: skip
+            cfg = replace(cfg, max_model_len=kv.max_tokens_held)
         return Engine(model, self.tokenizer, kv, cfg)
 
     def sleep(self) -> int:

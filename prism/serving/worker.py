@@ -151,6 +151,7 @@ class DeviceWorker:
         self.pool = PagePool(make_vmm(config.device, page), config.budget_bytes)
         self.models: dict[str, ModelSlot] = {}
         self._pending: deque[_Pending] = deque()
+        self._rejected: list[tuple[str, str, str]] = []  # see `take_rejected`
         self._owner: dict[str, str] = {}  # request id -> model name
         self._turn = 0
         self._rounds = 0  # `step()` calls that launched something, and their time
@@ -607,10 +608,22 @@ class DeviceWorker:
             slot = self.models[pending.model]
             if slot.state is ModelState.ACTIVE or self.wake(pending.model):
                 assert slot.engine is not None
-                slot.engine.add_request(
-                    pending.prompt, pending.params, pending.request_id, arrival_time=pending.since
-                )
                 self._pending.remove(pending)
+                try:
+                    slot.engine.add_request(
+                        pending.prompt, pending.params, pending.request_id,
+                        arrival_time=pending.since,
+                    )  # fmt: skip
+                except ValueError as e:  # the engine it waited for refuses it
+                    self._owner.pop(pending.request_id, None)
+                    self._rejected.append((pending.model, pending.request_id, str(e)))
+
+    def take_rejected(self) -> list[tuple[str, str, str]]:
+        """The requests refused once their model woke, as (model, request id, why): held
+        for a model whose engine did not exist yet, they met its checks (prompt length,
+        token ids) only then. Whoever drives the loop tells their owners."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     def expire_pending(self) -> list[tuple[str, str]]:
         """Drop the requests that have waited `wake_timeout_s` or more for their model to

@@ -45,6 +45,7 @@ from prism.serving.async_worker import (
     DEFAULT_MAX_WAITING,
     ModelConflict,
     Overloaded,
+    RequestRejected,
     WakeTimeout,
     WorkerSnapshot,
 )
@@ -136,7 +137,7 @@ _ERRORS: dict[str, type[Exception]] = {
 def encode_error(error: BaseException) -> RemoteError:
     kind = next((c.__name__ for c in type(error).__mro__ if c.__name__ in _ERRORS), "RuntimeError")
     message = str(error.args[0]) if len(error.args) == 1 else str(error)
-    whole = error if isinstance(error, (Overloaded, WakeTimeout)) else None
+    whole = error if isinstance(error, (Overloaded, WakeTimeout, RequestRejected)) else None
     return RemoteError(kind, message, whole)
 
 

@@ -14,7 +14,13 @@ import pytest
 from prism.engine import EngineConfig, SamplingParams
 from prism.engine.async_engine import EngineOverloaded, RequestStream
 from prism.models.config import ModelConfig
-from prism.serving.async_worker import AsyncWorker, Overloaded, WakeTimeout, retry_after_s
+from prism.serving.async_worker import (
+    AsyncWorker,
+    Overloaded,
+    RequestRejected,
+    WakeTimeout,
+    retry_after_s,
+)
 from prism.serving.model_slot import ModelSpec
 from prism.serving.worker import DeviceWorker, WorkerConfig, WorkerMode
 
@@ -133,6 +139,32 @@ def test_a_model_that_cannot_wake_in_time_fails_its_waiting_requests(
     asyncio.run(worker.call(worker.worker.check_integrity))
 
 
+def test_a_request_held_for_a_first_wake_is_refused_when_its_engine_refuses_it(
+    workers: list[AsyncWorker],
+) -> None:
+    """Swap mode, `b` never woken: a prompt longer than b's max_model_len is held for
+    b's wake (there is no engine yet to check it), then refused with RequestRejected
+    (HTTP 400) when b wakes. The worker loop goes on: `a` had finished its request, and
+    b serves the next one."""
+    worker = _start(workers, max_waiting=4, mode=WorkerMode.SWAP)
+    too_long = [(i * 17) % 500 + 1 for i in range(1100)]
+
+    async def run() -> None:
+        long = await worker.add_request("a", PROMPT, LONG, "long")
+        await anext(long)
+        held = await worker.add_request("b", too_long, SHORT, "too-long")
+        assert worker.num_in_flight("b") == 1
+        long.close()
+        with pytest.raises(RequestRejected, match=r"model 'b': prompt has 1100 tokens") as e:
+            await _drain(held)
+        assert e.value.model == "b"
+        assert await _drain(await worker.add_request("b", PROMPT, SHORT, "after")) == 4
+
+    asyncio.run(run())
+    assert worker.total_in_flight == 0
+    asyncio.run(worker.call(worker.worker.check_integrity))
+
+
 def test_expire_pending_drops_only_overdue_requests() -> None:
     """DeviceWorker level: a request queued for a model's wake is dropped once it has
     waited wake_timeout_s (None: never); the step never drops one itself."""
@@ -170,3 +202,5 @@ def test_errors_survive_pickling() -> None:
     assert (str(overloaded), overloaded.limit, overloaded.retry_after_s) == ("full", 3, 7)
     timeout = pickle.loads(pickle.dumps(WakeTimeout("late", "b", 2)))
     assert (str(timeout), timeout.model, timeout.retry_after_s) == ("late", "b", 2)
+    rejected = pickle.loads(pickle.dumps(RequestRejected("too long", "b")))
+    assert (str(rejected), rejected.model) == ("too long", "b")

@@ -410,3 +410,31 @@ def test_rounds_admit_the_most_urgent_model_first() -> None:
     assert sorted(firsts) == ["a", "b"]
     worker.run_until_idle()
     worker.close()
+
+
+def test_kv_beyond_the_weights_bounds_a_request_it_never_fits() -> None:
+    """Budget 2 MiB, weights 1.7 MiB: a's KV can never hold more than one 256-token page
+    group (less the padding block). Its max_model_len (1,024) is lowered to that, so a
+    prompt beyond it is refused at submit, naming the limit, and a request whose output
+    would grow past it stops there with finish reason 'length' — before, it was preempted
+    and recomputed forever, and a prompt that never fits held the queue behind it."""
+    from prism.engine.request import FinishReason
+
+    worker = DeviceWorker(WorkerConfig(budget_bytes=2 << 20))
+    worker.add_model(ModelSpec("a", TINY, load_format="dummy", engine=ENGINE))
+    grows = SamplingParams(max_tokens=800, temperature=0.0, ignore_eos=True)
+    long_id = worker.submit("a", _prompt(1, 100), grows)
+    short_id = worker.submit("a", _prompt(2, 20), GREEDY)
+    engine = worker.models["a"].engine
+    assert engine is not None
+    limit = engine.config.max_model_len
+    assert limit == engine.kv_cache.max_tokens_held < ENGINE.max_model_len
+    with pytest.raises(ValueError, match=rf"this model takes at most {limit - 1}"):
+        worker.submit("a", _prompt(3, limit), GREEDY)
+    finished = {out.request_id: out for _, out in worker.run_until_idle(2000) if out.finished}
+    assert finished[short_id].finish_reason is FinishReason.LENGTH
+    assert finished[long_id].finish_reason is FinishReason.LENGTH
+    assert finished[long_id].num_output_tokens == limit - 100
+    assert worker.stats().models[0].preemptions == 0
+    worker.check_integrity()
+    worker.close()
